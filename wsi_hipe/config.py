@@ -1,0 +1,408 @@
+"""Run configuration: YAML files validated with pydantic, overridable from the command line.
+
+A configuration has seven sections (``slide``, ``tiling``, ``model``, ``score``, ``hipe``,
+``output``, ``schedule``); every key has a default that works, unknown keys are rejected and
+every error names the offending key::
+
+    >>> cfg = load_config(overrides={"tiling.tile_size": 128})
+    >>> cfg.tiling.tile_size
+    128
+
+:meth:`Config.fingerprint` hashes the settings that change the numbers a run writes (not the
+scheduler or the device choice); the pipeline stores it with each output and refuses to resume
+into an output made with a different one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from wsi_hipe.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "SlideConfig",
+    "TilingConfig",
+    "ModelConfig",
+    "ScoreConfig",
+    "HipeConfig",
+    "OutputConfig",
+    "ScheduleConfig",
+    "load_config",
+    "SCORE_KINDS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Score kinds a run can explain; all but ``"logit"`` are non-negative (see ``score.floor``).
+SCORE_KINDS = ("area", "mean", "logit")
+
+#: The U-Net's encoder halves the input four times, so a tile with its halo must be a
+#: multiple of 16 px on each side.
+_UNET_MULTIPLE = 16
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SlideConfig(_Section):
+    """How slides are opened.
+
+    Attributes
+    ----------
+    mpp : float or None
+        µm per level-0 pixel; overrides the slide's metadata (needed when it has none).
+    channel : "auto" or int
+        The stain channel of an RGB(A) slide; ``"auto"`` picks the brightest-varying one.
+    allow_brightfield : bool
+        Run on slides that look like RGB brightfield (H&E) instead of refusing them.
+    """
+
+    mpp: float | None = Field(default=None, gt=0)
+    channel: Literal["auto"] | int = "auto"
+    allow_brightfield: bool = False
+
+    @field_validator("channel", mode="before")
+    @classmethod
+    def _channel_index(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and 0 <= value <= 3):
+            return value
+        raise ValueError(f"must be 'auto' or a channel index 0..3, got {value!r}")
+
+
+class TilingConfig(_Section):
+    """The tile grid at the target resolution.
+
+    Attributes
+    ----------
+    mpp : float
+        Target resolution in µm per pixel (the model's training resolution).
+    tile_size : int
+        Side of a tile's core in target px; a multiple of 16. Also the output chunk size.
+    halo : int
+        Context around the core in target px (the model and HiPe see core + 2·halo); a
+        multiple of 8 so that core + 2·halo stays a multiple of 16.
+    min_tissue : float
+        Fraction of a tile's core that must be tissue for the tile to be processed, in [0, 1].
+    """
+
+    mpp: float = Field(default=0.5, gt=0)
+    tile_size: int = Field(default=256, ge=_UNET_MULTIPLE)
+    halo: int = Field(default=32, ge=0)
+    min_tissue: float = Field(default=0.05, ge=0, le=1)
+
+    @field_validator("tile_size")
+    @classmethod
+    def _tile_multiple(cls, value: int) -> int:
+        if value % _UNET_MULTIPLE:
+            raise ValueError(f"must be a multiple of {_UNET_MULTIPLE}, got {value}")
+        return value
+
+    @field_validator("halo")
+    @classmethod
+    def _halo_multiple(cls, value: int) -> int:
+        if value % (_UNET_MULTIPLE // 2):
+            raise ValueError(
+                f"must be a multiple of {_UNET_MULTIPLE // 2} (so that tile_size + 2*halo is a "
+                f"multiple of {_UNET_MULTIPLE}), got {value}"
+            )
+        return value
+
+
+class ModelConfig(_Section):
+    """Which segmentation model runs, and where.
+
+    Attributes
+    ----------
+    path : str
+        ``"bundled"`` (the weights shipped with the package), a ``.safetensors`` checkpoint
+        or a TorchScript file.
+    device : str
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    autocast : bool
+        bf16/fp16 autocast on CUDA (scores and saliency stay float32); ignored on CPU.
+    """
+
+    path: str = "bundled"
+    device: str = "auto"
+    autocast: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        ok = value in ("auto", "cpu", "cuda", "mps") or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        )
+        if not ok:
+            raise ValueError(f"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
+        return value
+
+
+class ScoreConfig(_Section):
+    """The scalar that HiPe explains per tile.
+
+    Attributes
+    ----------
+    kind : {"area", "mean", "logit"}
+        ``"area"``: expected area (px² at the target resolution) of class ``class`` inside the
+        tile core, ``sum(p_class · core)``; ``"mean"``: its mean probability over the core;
+        ``"logit"``: the sum of its logits over the core (can be negative).
+    class_index : int
+        Output class explained (YAML key ``class``); 1 = lymphocyte for the bundled model.
+    floor : float
+        Tiles whose score is ≤ ``floor`` (in the score's units) skip HiPe and get zero
+        saliency; see :mod:`wsi_hipe.pipeline` for the bound that makes this safe. ``0``
+        skips only tiles whose score is exactly zero. Ignored for ``"logit"``.
+    """
+
+    kind: Literal["area", "mean", "logit"] = "area"
+    class_index: int = Field(default=1, ge=0, alias="class")
+    floor: float = Field(default=1.0, ge=0)
+
+
+class HipeConfig(_Section):
+    """Options passed to :func:`wsi_hipe.hierarchical_perturbation`.
+
+    Attributes
+    ----------
+    substrate : {"mean", "fade", "blur", "noise"}
+        What a perturbed window is replaced by.
+    threshold : {"mid-range", "mean"}
+        How the refinement threshold is computed from the previous depth's saliency.
+    batch_size : int
+        Perturbed inputs per forward pass (memory, not results).
+    max_depth : int or None
+        Stop after this many depths (None: until cells reach ``min_cell_size``).
+    min_cell_size : int
+        Smallest cell side in px.
+    """
+
+    substrate: Literal["mean", "fade", "blur", "noise"] = "mean"
+    threshold: Literal["mid-range", "mean"] = "mid-range"
+    batch_size: int = Field(default=32, ge=1)
+    max_depth: int | None = Field(default=None, ge=1)
+    min_cell_size: int = Field(default=4, ge=1)
+
+
+class OutputConfig(_Section):
+    """The output format.
+
+    Attributes
+    ----------
+    ngff : {"0.4", "0.5"}
+        OME-NGFF version: 0.4 (Zarr v2, read everywhere) or 0.5 (Zarr v3).
+    """
+
+    ngff: Literal["0.4", "0.5"] = "0.4"
+
+    @field_validator("ngff", mode="before")
+    @classmethod
+    def _ngff_from_number(cls, value: Any) -> Any:
+        # YAML reads ``ngff: 0.4`` as a float.
+        if isinstance(value, float):
+            return f"{value:.1f}"
+        return value
+
+
+class ScheduleConfig(_Section):
+    """Where and how tiles run (never changes the numbers written).
+
+    Attributes
+    ----------
+    scheduler : str
+        ``"sync"``, ``"threads"``, ``"processes"``, ``"local"`` / ``"local:N"`` (a
+        ``distributed.LocalCluster`` of N worker processes) or ``"tcp://host:port"`` (join a
+        running Dask cluster).
+    workers : int
+        Worker count for ``threads``, ``processes`` and ``local`` (``local:N`` wins).
+    max_in_flight : int or None
+        Tiles submitted but not yet written; None = 2 × workers. Bounds memory.
+    threads_per_worker : int or None
+        torch threads in each worker; None = 1 for process-based schedulers, unchanged for
+        ``sync``, and cores / workers for ``threads``.
+    """
+
+    scheduler: str = "sync"
+    workers: int = Field(default=1, ge=1)
+    max_in_flight: int | None = Field(default=None, ge=1)
+    threads_per_worker: int | None = Field(default=None, ge=1)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_name(cls, value: str) -> str:
+        if value in ("sync", "threads", "processes", "local") or value.startswith("tcp://"):
+            return value
+        if value.startswith("local:") and value[6:].isdigit() and int(value[6:]) >= 1:
+            return value
+        raise ValueError(
+            "must be 'sync', 'threads', 'processes', 'local', 'local:N' or "
+            f"'tcp://host:port', got {value!r}"
+        )
+
+
+class Config(_Section):
+    """A whole run configuration; every section defaults to working values."""
+
+    slide: SlideConfig = SlideConfig()
+    tiling: TilingConfig = TilingConfig()
+    model: ModelConfig = ModelConfig()
+    score: ScoreConfig = ScoreConfig()
+    hipe: HipeConfig = HipeConfig()
+    output: OutputConfig = OutputConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved configuration as plain data, with YAML key names (``score.class``)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def results_dict(self) -> dict[str, Any]:
+        """The part of the configuration that changes the arrays a run writes.
+
+        Excludes ``schedule`` (any scheduler gives identical output), ``model.device`` and
+        ``model.path`` (the model is identified by its weights' hash, stored separately).
+        """
+        data = self.to_dict()
+        del data["schedule"]
+        data["model"] = {"autocast": data["model"]["autocast"]}
+        return data
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of :meth:`results_dict` in canonical JSON."""
+        text = json.dumps(self.results_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> Config:
+        """A copy with ``overrides`` applied (dotted keys or nested dicts; None values ignored)."""
+        data = self.to_dict()
+        _merge(data, _nest(overrides or {}))
+        return _validate(data, source="overrides")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """Read a YAML configuration and apply command-line overrides.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        A YAML file with any subset of the sections; None = all defaults.
+    overrides : mapping, optional
+        Values that win over the file, as dotted keys (``{"tiling.tile_size": 128}``) or
+        nested dicts (``{"tiling": {"tile_size": 128}}``). Keys whose value is None are
+        ignored, so unset command-line flags can be passed through unchanged.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, a key is unknown, or a value is invalid; the message
+        names the key, e.g. ``tiling.tile_size: must be a multiple of 16, got 250``.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}; pass an existing YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"
+            )
+        data = loaded
+    _merge(data, _nest(overrides or {}))
+    cfg = _validate(data, source=source)
+    logger.debug("configuration from %s: %s", source, cfg.to_dict())
+    return cfg
+
+
+def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn ``{"a.b": 1, "c": {"d": 2}}`` into nested dicts, dropping None values."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"override keys must be non-empty strings, got {key!r}")
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part!r} is both a value and a section")
+            node = child
+        if isinstance(value, Mapping):
+            child = node.setdefault(parts[-1], {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: is both a value and a section")
+            _merge(child, _nest(value))
+        else:
+            node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _validate(data: dict[str, Any], *, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    seen = set()
+    for err in exc.errors():
+        # Sections are one level deep: drop pydantic's union-member suffixes (``.int``).
+        key = ".".join(str(part) for part in err["loc"][:2]) or "<top level>"
+        if key in seen:
+            continue
+        seen.add(key)
+        if err["type"] == "extra_forbidden":
+            section = Config.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+            if len(err["loc"]) == 1 or section is None:
+                valid = sorted(Config.model_fields)
+            else:
+                valid = sorted(
+                    field.alias or name
+                    for name, field in section.annotation.model_fields.items()  # type: ignore[union-attr]
+                )
+            lines.append(f"{key}: unknown key; valid keys here: {', '.join(valid)}")
+            continue
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if "got" not in msg:
+            msg = f"{msg}, got {err.get('input')!r}"
+        lines.append(f"{key}: {msg}")
+    head = f"invalid configuration ({source})"
+    return head + ": " + "; ".join(lines)
