@@ -1,0 +1,395 @@
+"""HiPe engine: known answers from the paper, properties, and a plain-loop reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wsi_hipe import HipeResult, hierarchical_perturbation
+from wsi_hipe.hipe import start_grid_size
+
+
+def gaussian_blob(size: int = 256, sigma: float = 4.0, centre: float | None = None) -> torch.Tensor:
+    c = size // 2 if centre is None else centre
+    r = torch.arange(size, dtype=torch.float32)
+    g = torch.exp(-((r[:, None] - c) ** 2 + (r[None, :] - c) ** 2) / (2 * sigma**2))
+    return g[None]
+
+
+def total(batch: torch.Tensor) -> torch.Tensor:
+    return batch.flatten(1).sum(1)
+
+
+class TinyCNN(torch.nn.Module):
+    """A small random CNN with ``outputs`` scalar heads (global average of feature maps)."""
+
+    def __init__(self, channels: int = 1, outputs: int = 1, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(channels, 6, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(6, outputs, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        return torch.relu(self.conv2(h)).pow(2).mean(dim=(2, 3))  # (B, outputs)
+
+
+# --- the paper's Figure 3 toy ------------------------------------------------------------
+
+
+def test_figure3_window_counts_and_peak():
+    x = gaussian_blob()
+    res = hierarchical_perturbation(total, x, substrate="fade", threshold="mid-range")
+    assert isinstance(res, HipeResult)
+    assert res.masks_per_depth == [81, 25, 77, 81]
+    assert sum(res.masks_per_depth) == 264
+    assert res.forward_passes == 265
+    assert res.grid_sizes == [8, 16, 32, 64]
+    assert res.thresholds[0] == 0.0
+    finest = 256 / res.grid_sizes[-1]
+    peak = divmod(int(res.saliency.argmax()), 256)
+    assert max(abs(peak[0] - 128), abs(peak[1] - 128)) <= finest
+    assert res.saliency.dtype == torch.float32 and res.saliency.shape == (256, 256)
+    assert float(res.saliency.min()) >= 0.0
+
+
+def test_mean_threshold_perturbs_more_windows_than_midrange():
+    x = gaussian_blob()
+    mid = hierarchical_perturbation(total, x, substrate="fade", threshold="mid-range")
+    mean = hierarchical_perturbation(total, x, substrate="fade", threshold="mean")
+    assert mean.masks_per_depth[0] == 81
+    assert sum(mean.masks_per_depth) > 2 * sum(mid.masks_per_depth)
+
+
+@pytest.mark.parametrize(("m", "n"), [(256, 8), (1024, 10), (64, 6), (250, 8), (8, 2), (1, 1)])
+def test_start_grid(m, n):
+    assert start_grid_size(m) == n
+
+
+# --- attribution properties ------------------------------------------------------------------
+
+
+def test_quadrant_model_puts_saliency_in_its_quadrant():
+    torch.manual_seed(0)
+    x = torch.rand(1, 64, 64)
+
+    def top_left(batch):
+        return batch[:, :, :32, :32].pow(2).sum(dim=(1, 2, 3))
+
+    res = hierarchical_perturbation(top_left, x, substrate="fade")
+    sal = res.saliency
+    assert float(sal[:32, :32].sum()) / float(sal.sum()) > 0.8
+    # Windows straddle the quadrant border by at most one depth-1 cell (64/6 → 11 px).
+    cell = math.ceil(64 / res.grid_sizes[0])
+    assert float(sal[32 + cell :, :].abs().max()) == 0.0
+    assert float(sal[:, 32 + cell :].abs().max()) == 0.0
+
+
+def test_constant_model_gives_zero_map_after_one_depth():
+    x = torch.rand(2, 64, 72)
+    res = hierarchical_perturbation(lambda b: torch.full((len(b),), 3.0), x)
+    assert torch.count_nonzero(res.saliency) == 0
+    assert len(res.masks_per_depth) == 1
+    assert res.stop_reason == "no_response"
+
+
+@pytest.mark.parametrize("substrate", ["mean", "fade", "blur"])
+def test_batch_size_invariance(substrate):
+    x = torch.rand(1, 40, 48, generator=torch.Generator().manual_seed(1))
+    model = TinyCNN()
+    forward = lambda b: model(b)[:, 0]  # noqa: E731
+    results = [
+        hierarchical_perturbation(forward, x, substrate=substrate, batch_size=bs)
+        for bs in (1, 2, 7, 32)
+    ]
+    for r in results[1:]:
+        assert r.masks_per_depth == results[0].masks_per_depth
+        torch.testing.assert_close(r.saliency, results[0].saliency, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_size_invariance_is_exact_for_a_batch_independent_model():
+    x = gaussian_blob(64, 3.0)
+    maps = [
+        hierarchical_perturbation(total, x, substrate="fade", batch_size=bs).saliency
+        for bs in (1, 2, 7, 32)
+    ]
+    for m in maps[1:]:
+        assert torch.equal(m, maps[0])
+
+
+def test_affine_transform_of_the_model_scales_the_map():
+    x = torch.rand(1, 40, 40, generator=torch.Generator().manual_seed(2))
+    model = TinyCNN(seed=3)
+    base = hierarchical_perturbation(lambda b: model(b)[:, 0], x)
+    a, b = 3.5, -7.0
+    scaled = hierarchical_perturbation(lambda t: a * model(t)[:, 0] + b, x)
+    assert scaled.masks_per_depth == base.masks_per_depth
+    torch.testing.assert_close(scaled.saliency, a * base.saliency, rtol=1e-4, atol=1e-5)
+
+
+def test_cells_tile_a_non_multiple_input_exactly():
+    """250×300: every pixel is perturbed by 4 windows at depth 1 and credited where perturbed."""
+    h, w = 250, 300
+    x = torch.ones(1, h, w)
+    perturbed_masks = []
+
+    def forward(batch):
+        changed = (batch != x).any(dim=1)  # (B, H, W)
+        perturbed_masks.extend(changed)
+        return batch.flatten(1).sum(1)
+
+    res = hierarchical_perturbation(forward, x, substrate="fade", batch_size=16)
+    masks = torch.stack(perturbed_masks[1:]).float()  # drop the clean pass
+    assert len(masks) == sum(res.masks_per_depth)
+    depth1 = masks[: res.masks_per_depth[0]]
+    assert torch.equal(depth1.sum(0), torch.full((h, w), 4.0))  # no unperturbed margin
+    # Credit goes exactly where the input was perturbed: drop = perturbed area for a sum model.
+    expected = (masks * masks.sum(dim=(1, 2), keepdim=True)).sum(0)
+    torch.testing.assert_close(res.saliency, expected)
+    # Every perturbed window at every depth is exactly a union of whole cells.
+    for d, n in enumerate(res.grid_sizes):
+        start = sum(res.masks_per_depth[:d])
+        row_cell = (torch.arange(h) * n) // h
+        col_cell = (torch.arange(w) * n) // w
+        for mask in masks[start : start + res.masks_per_depth[d]].bool():
+            rows, cols = mask.any(dim=1), mask.any(dim=0)
+            assert torch.equal(rows, torch.isin(row_cell, row_cell[rows].unique()))
+            assert torch.equal(cols, torch.isin(col_cell, col_cell[cols].unique()))
+            assert torch.equal(mask, rows[:, None] & cols[None, :])
+
+
+def test_one_dimensional_signal():
+    t = torch.arange(512, dtype=torch.float32)
+    x = torch.exp(-((t - 300) ** 2) / 50)[None]
+    res = hierarchical_perturbation(lambda b: b.pow(2).sum(dim=(1, 2)), x, substrate="fade")
+    assert res.saliency.shape == (512,)
+    assert res.masks_per_depth[0] == start_grid_size(512) + 1
+    assert abs(int(res.saliency.argmax()) - 300) <= 512 / res.grid_sizes[-1]
+
+
+def test_three_dimensional_volume():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 16, 24, 20, generator=g) * 0.1
+    x[:, 4:7, 15:18, 9:12] += 1.0
+    res = hierarchical_perturbation(lambda b: b.pow(2).sum(dim=(1, 2, 3, 4)), x, substrate="fade")
+    n = res.grid_sizes[0]
+    assert res.masks_per_depth[0] == (n + 1) ** 3
+    assert res.saliency.shape == (16, 24, 20)
+    assert res.saliency[5, 16, 10] == res.saliency.max()
+    assert res.saliency[12, 3, 2] < res.saliency.max() / 10
+
+
+def test_two_output_cnn_gives_different_maps_per_target():
+    # Channel 0 carries a bright spot top-left, channel 1 one bottom-right; the CNN's first
+    # layer routes channel k to head k, so each target's map must sit on its own spot.
+    x = torch.rand(2, 48, 48, generator=torch.Generator().manual_seed(5)) * 0.05
+    x[0, 8:12, 8:12] = 1.0
+    x[1, 36:40, 30:34] = 1.0
+    model = TinyCNN(channels=2, outputs=2, seed=6)
+    with torch.no_grad():
+        model.conv1.weight.zero_()
+        model.conv1.weight[0:3, 0] = 0.2
+        model.conv1.weight[3:6, 1] = 0.2
+        model.conv1.bias.zero_()
+        model.conv2.weight.zero_()
+        model.conv2.weight[0, 0:3] = 0.3
+        model.conv2.weight[1, 3:6] = 0.3
+        model.conv2.bias.zero_()
+    m0 = hierarchical_perturbation(lambda b: model(b)[:, 0], x).saliency
+    m1 = hierarchical_perturbation(lambda b: model(b)[:, 1], x).saliency
+    assert not torch.allclose(m0, m1)
+    p0 = divmod(int(m0.argmax()), 48)
+    p1 = divmod(int(m1.argmax()), 48)
+    assert max(abs(p0[0] - 10), abs(p0[1] - 10)) <= 6 and m0[37, 32] < m0.max() / 10
+    assert max(abs(p1[0] - 37), abs(p1[1] - 32)) <= 6 and m1[10, 10] < m1.max() / 10
+
+
+# --- a plain-loop reference written from the rules in DESIGN.md -------------------------------
+
+
+def reference_hipe(forward, x, *, substrate, threshold):
+    """Literal, slow HiPe for (C, H, W): loops over windows and pixels' cells."""
+    _, h, w = x.shape
+    m = min(h, w)
+    n = 2 * (math.ceil(math.log2(m)) // 2)
+    sal = torch.zeros(h, w, dtype=torch.float64)
+    clean = float(forward(x[None])[0])
+    counts, passes, prev_max_drop = [], 1, None
+    depth = 0
+    while True:
+        depth += 1
+        if depth > 1 and 4 * n > m:
+            break
+        if depth > 1 and prev_max_drop <= 1e-4 * abs(clean) + 1e-12:
+            break
+        row_cell = [(i * n) // h for i in range(h)]
+        col_cell = [(j * n) // w for j in range(w)]
+        if threshold == "mid-range":
+            t = float(sal.min() + (sal.max() - sal.min()) / 2)
+        else:
+            t = float(sal.mean())
+        windows = []
+        for oy in range(-1, n):
+            for ox in range(-1, n):
+                rows = [i for i in range(h) if row_cell[i] in (oy, oy + 1)]
+                cols = [j for j in range(w) if col_cell[j] in (ox, ox + 1)]
+                region = torch.zeros(h, w, dtype=torch.bool)
+                region[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
+                if depth == 1 or float(sal[region].max()) >= t:
+                    windows.append(region)
+        if not windows:
+            break
+        counts.append(len(windows))
+        drops = []
+        for region in windows:
+            xp = x.clone()
+            for c in range(x.shape[0]):
+                xp[c][region] = x[c][region].mean() if substrate == "mean" else 0.0
+            drops.append(max(0.0, clean - float(forward(xp[None])[0])))
+            passes += 1
+        for region, drop in zip(windows, drops, strict=True):
+            sal[region] += drop
+        prev_max_drop = max(drops)
+        n *= 2
+    return sal, counts, passes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("substrate", ["mean", "fade"])
+@pytest.mark.parametrize("threshold", ["mid-range", "mean"])
+def test_vectorised_agrees_with_plain_loop(seed, substrate, threshold):
+    g = torch.Generator().manual_seed(seed)
+    shape = [(2, 18, 23), (1, 24, 17), (3, 20, 20)][seed]
+    x = torch.rand(shape, generator=g)
+    model = TinyCNN(channels=shape[0], seed=seed + 10).double()
+    forward = lambda b: model(b.double())[:, 0]  # noqa: E731
+    ref, counts, passes = reference_hipe(
+        forward, x.double(), substrate=substrate, threshold=threshold
+    )
+    res = hierarchical_perturbation(
+        forward, x.double(), substrate=substrate, threshold=threshold, batch_size=5
+    )
+    assert res.masks_per_depth == counts
+    assert res.forward_passes == passes
+    torch.testing.assert_close(res.saliency.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+# --- substrates, dtypes, devices, options -------------------------------------------------
+
+
+def test_noise_substrate_is_seeded():
+    x = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(7))
+    model = TinyCNN(seed=8)
+    f = lambda b: model(b)[:, 0]  # noqa: E731
+    a = hierarchical_perturbation(f, x, substrate="noise", seed=1).saliency
+    b = hierarchical_perturbation(f, x, substrate="noise", seed=1).saliency
+    c = hierarchical_perturbation(f, x, substrate="noise", seed=2).saliency
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_callable_substrate_matches_builtin_fade():
+    x = gaussian_blob(64, 3.0)
+    a = hierarchical_perturbation(total, x, substrate="fade")
+    b = hierarchical_perturbation(total, x, substrate=torch.zeros_like)
+    assert a.masks_per_depth == b.masks_per_depth
+    assert torch.equal(a.saliency, b.saliency)
+
+
+def test_blur_substrate_on_many_channels():
+    x = torch.rand(5, 32, 40, generator=torch.Generator().manual_seed(9))
+    x[:, 10:14, 20:24] = 3.0
+    res = hierarchical_perturbation(
+        lambda b: b.pow(4).sum(dim=(1, 2, 3)), x, substrate="blur", blur_sigma=2.0
+    )
+    y, xx = divmod(int(res.saliency.argmax()), 40)
+    assert 8 <= y <= 16 and 18 <= xx <= 26
+
+
+def test_low_precision_model_output_accumulates_in_float32():
+    x = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(10))
+    res = hierarchical_perturbation(lambda b: total(b).to(torch.bfloat16), x, substrate="fade")
+    assert res.saliency.dtype == torch.float32
+    assert res.saliency.sum() > 0
+
+
+def test_max_depth_start_grid_and_min_cell_size():
+    x = gaussian_blob(128, 3.0)
+    assert (
+        len(hierarchical_perturbation(total, x, substrate="fade", max_depth=2).masks_per_depth) == 2
+    )
+    res = hierarchical_perturbation(total, x, substrate="fade", start_grid=4, max_depth=1)
+    assert res.masks_per_depth == [25]
+    coarse = hierarchical_perturbation(total, x, substrate="fade", min_cell_size=16)
+    assert 128 / coarse.grid_sizes[-1] >= 16
+
+
+def test_progress_reports_and_can_cancel():
+    seen = []
+    x = gaussian_blob(64, 3.0)
+    hierarchical_perturbation(
+        total,
+        x,
+        substrate="fade",
+        batch_size=10,
+        progress=lambda d, done, tot: seen.append((d, done, tot)),
+    )
+    assert seen[0] == (1, 10, 49) and seen[-1][1] == seen[-1][2]
+
+    class Cancelled(Exception):
+        pass
+
+    def stop(*_):
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        hierarchical_perturbation(total, x, progress=stop)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_returns_on_input_device():
+    x = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(11))
+    model = TinyCNN(seed=12)
+    cpu = hierarchical_perturbation(lambda b: model(b)[:, 0], x)
+    model_gpu = TinyCNN(seed=12).cuda()
+    gpu = hierarchical_perturbation(lambda b: model_gpu(b)[:, 0], x, device="cuda")
+    assert gpu.saliency.device == x.device
+    assert gpu.masks_per_depth == cpu.masks_per_depth
+    torch.testing.assert_close(gpu.saliency, cpu.saliency, rtol=1e-3, atol=1e-5)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"substrate": "gaussian"}, "substrate must be one of"),
+        ({"threshold": "median"}, "threshold must be one of"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"max_depth": 0}, "max_depth"),
+        ({"start_grid": 1000}, "start_grid"),
+    ],
+)
+def test_bad_options_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hierarchical_perturbation(total, torch.rand(1, 16, 16), **kwargs)
+
+
+def test_bad_inputs_and_models_raise_value_error():
+    with pytest.raises(ValueError, match=r"\(C, \*spatial\)"):
+        hierarchical_perturbation(total, torch.rand(16))
+    with pytest.raises(ValueError, match="one scalar score per input"):
+        hierarchical_perturbation(lambda b: b.sum(dim=(1,)), torch.rand(1, 16, 16))
+    with pytest.raises(ValueError, match="non-finite"):
+        hierarchical_perturbation(lambda b: total(b) * float("nan"), torch.rand(1, 16, 16))
+
+    def inf_when_perturbed(b):
+        out = total(b)
+        return torch.where(b.flatten(1).min(1).values == 0, float("inf"), out)
+
+    with pytest.raises(ValueError, match="NaN or inf"):
+        hierarchical_perturbation(inf_when_perturbed, torch.rand(1, 16, 16) + 0.5, substrate="fade")
