@@ -185,6 +185,9 @@ class HipeConfig(_Section):
         Stop after this many depths (None: until cells reach ``min_cell_size``).
     min_cell_size : int
         Smallest cell side in px.
+    start_grid : int or None
+        Cells per side at depth 1 (None: the authors' rule, 2·⌊⌈log2 m⌉/2⌋ for an m px
+        tile). A coarser start (e.g. 4) perturbs fewer windows at depth 1.
     """
 
     substrate: Literal["mean", "fade", "blur", "noise"] = "mean"
@@ -192,6 +195,7 @@ class HipeConfig(_Section):
     batch_size: int = Field(default=32, ge=1)
     max_depth: int | None = Field(default=None, ge=1)
     min_cell_size: int = Field(default=4, ge=1)
+    start_grid: int | None = Field(default=None, ge=1)
 
 
 class OutputConfig(_Section):
