@@ -1,0 +1,105 @@
+"""npe2 reader: wsi-hipe outputs (``*.ome.zarr``) and whole-slide image files.
+
+A reader returns None for paths it does not claim, so napari can try other plugins (e.g.
+napari-ome-zarr for other Zarr stores, the built-in reader for plain TIFFs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from wsi_hipe.napari._layers import LayerData, output_layer_data, slide_layer_data
+
+__all__ = ["napari_get_reader", "is_wsi_hipe_output", "is_slide_file", "SLIDE_SUFFIXES"]
+
+logger = logging.getLogger(__name__)
+
+#: File name endings OpenSlide may open (it decides by content; these are only a first filter).
+SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+)  # fmt: skip
+
+
+def is_wsi_hipe_output(path: str | Path) -> bool:
+    """True when ``path`` is a Zarr group carrying wsi-hipe provenance (NGFF 0.4 or 0.5).
+
+    Reads only the group's small metadata file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    for meta_name, inner in ((".zattrs", None), ("zarr.json", "attributes")):
+        meta = path / meta_name
+        if not meta.is_file():
+            continue
+        try:
+            attrs = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if inner is not None:
+            attrs = attrs.get(inner) or {}
+        if isinstance(attrs, dict) and isinstance(attrs.get("wsi_hipe"), dict):
+            return True
+    return False
+
+
+def is_slide_file(path: str | Path) -> bool:
+    """True when ``path`` is a file with a slide suffix that OpenSlide recognises."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in SLIDE_SUFFIXES:
+        return False
+    try:
+        import openslide
+    except ImportError:  # pragma: no cover - openslide is a core dependency
+        return False
+    try:
+        return openslide.OpenSlide.detect_format(str(path)) is not None
+    except Exception:
+        return False
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """npe2 ``get_reader``: a reader function for ``path``, or None when it is not ours.
+
+    Parameters
+    ----------
+    path : str or list of str
+        One path (a list of exactly one is accepted too).
+
+    Returns
+    -------
+    callable or None
+        ``reader(path) -> list of (data, kwargs, layer_type)``.
+    """
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    text = str(path).rstrip("/\\")
+    if is_wsi_hipe_output(text):
+        return read_output
+    if is_slide_file(text):
+        return read_slide
+    return None
+
+
+def _one(path: str | list[str]) -> str:
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            raise ValueError(f"expected one path, got {len(path)}: {path!r}")
+        path = path[0]
+    return str(path).rstrip("/\\")
+
+
+def read_output(path: str | list[str]) -> list[LayerData]:
+    """Layers of a wsi-hipe output: slide (when reachable), saliency, segmentation, tissue."""
+    return output_layer_data(_one(path))
+
+
+def read_slide(path: str | list[str]) -> list[LayerData]:
+    """A lazy multiscale image of the slide's stain channel, in µm."""
+    return [slide_layer_data(_one(path))]

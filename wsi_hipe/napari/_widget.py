@@ -1,0 +1,530 @@
+"""The "Explain (HiPe)" dock widget: explain a drawn region, the current view, or one cell.
+
+Every run calls :func:`wsi_hipe.pipeline.explain_region` or :func:`wsi_hipe.pipeline.explain_cell`
+(nothing here re-implements a pipeline step) in a napari thread worker, with a napari progress
+bar and a Cancel button wired to the pipeline's ``should_stop`` hook. Results become layers
+placed in µm on the slide they were computed from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    PushButton,
+    SpinBox,
+)
+
+from wsi_hipe.napari._layers import result_layer_data, slide_info
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+__all__ = ["ExplainWidget", "RegionBox"]
+
+logger = logging.getLogger(__name__)
+
+#: Class names of the bundled model (``docs/INTERFACES.md``), shown before a model is loaded.
+BUNDLED_CLASSES = ("background", "lymphocyte", "nucleus")
+
+SUBSTRATES = ("mean", "fade", "blur", "noise")
+
+REGION_SOURCES = ("drawn rectangle", "current view")
+
+#: Largest region side (level-0 px) the widget sends to the pipeline; HiPe's cost grows
+#: with the area, and an interactive run should take seconds, not hours.
+MAX_REGION_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class RegionBox:
+    """A rectangle of a slide in level-0 pixels (OpenSlide convention: x right, y down).
+
+    Attributes
+    ----------
+    x0, y0 : int
+        Top-left level-0 pixel.
+    width, height : int
+        Size in level-0 pixels (≥ 1).
+    """
+
+    x0: int
+    y0: int
+    width: int
+    height: int
+
+    @classmethod
+    def from_world(
+        cls, y_min: float, x_min: float, y_max: float, x_max: float, *, mpp: float
+    ) -> RegionBox:
+        """The level-0 pixels whose areas a world rectangle (µm) touches.
+
+        Level-0 pixel ``i`` is centred at world ``i·mpp`` and covers ``[(i − ½)·mpp, (i + ½)·mpp)``.
+        """
+        if not mpp > 0:
+            raise ValueError(f"mpp must be positive (µm per level-0 px), got {mpp!r}")
+        if y_max < y_min:
+            y_min, y_max = y_max, y_min
+        if x_max < x_min:
+            x_min, x_max = x_max, x_min
+        x0 = math.floor(x_min / mpp + 0.5)
+        y0 = math.floor(y_min / mpp + 0.5)
+        x1 = math.ceil(x_max / mpp + 0.5)
+        y1 = math.ceil(y_max / mpp + 0.5)
+        return cls(x0=x0, y0=y0, width=max(1, x1 - x0), height=max(1, y1 - y0))
+
+    def clipped(self, width: int, height: int) -> RegionBox:
+        """This box clipped to a slide of level-0 size ``(width, height)``."""
+        x0 = min(max(self.x0, 0), width - 1)
+        y0 = min(max(self.y0, 0), height - 1)
+        x1 = min(max(self.x0 + self.width, x0 + 1), width)
+        y1 = min(max(self.y0 + self.height, y0 + 1), height)
+        return RegionBox(x0=x0, y0=y0, width=x1 - x0, height=y1 - y0)
+
+
+def _progress_values(args: tuple[Any, ...]) -> tuple[int, int] | None:
+    """(done, total) from a progress hook's arguments: the last two numbers it was given."""
+    numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if len(numbers) >= 2:
+        return int(numbers[-2]), int(numbers[-1])
+    return None
+
+
+class ExplainWidget(Container):
+    """Dock widget running HiPe on a region or a cell of the slide shown in napari.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer whose slide layer, shapes and clicks the widget uses.
+
+    Notes
+    -----
+    :meth:`explain_region` and :meth:`explain_cell` return the started thread worker, so
+    scripts and tests can wait for ``worker.finished``; :attr:`last_result` holds the
+    pipeline's result and :attr:`last_layers` the layers it added.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        self._viewer = viewer
+        self._models: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._picking = False
+        self._runs = 0
+        self.worker: Any = None
+        self.last_result: Any = None
+        self.last_layers: list[Any] = []
+
+        self._slide = ComboBox(label="slide", choices=self._slide_choices, nullable=True)
+        self._model = ComboBox(label="model", choices=("bundled", "file"), value="bundled")
+        self._model_file = FileEdit(
+            label="model file", mode="r", filter="*.safetensors *.pt *.ts", visible=False
+        )
+        self._substrate = ComboBox(label="substrate", choices=SUBSTRATES, value="mean")
+        self._batch = SpinBox(label="batch size", min=1, max=4096, value=32)
+        self._depth = SpinBox(
+            label="max depth", min=0, max=32, value=0, tooltip="0 = refine until cells are 4 px"
+        )
+        self._target = ComboBox(label="target class", choices=BUNDLED_CLASSES, value="lymphocyte")
+        self._source = ComboBox(label="region", choices=REGION_SOURCES, value="drawn rectangle")
+        self._shapes = ComboBox(label="rectangles", choices=self._shapes_choices, nullable=True)
+        self._region_button = PushButton(text="Explain region")
+        self._cell_button = PushButton(text="Explain cell (click one)")
+        self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self._status = Label(value="ready")
+        super().__init__(
+            widgets=[
+                self._slide,
+                self._model,
+                self._model_file,
+                self._substrate,
+                self._batch,
+                self._depth,
+                self._target,
+                self._source,
+                self._shapes,
+                self._region_button,
+                self._cell_button,
+                self._cancel_button,
+                self._status,
+            ],
+            labels=True,
+        )
+        self._model.changed.connect(self._on_model_kind)
+        self._model_file.changed.connect(self._on_model_file)
+        self._region_button.changed.connect(self._on_region_clicked)
+        self._cell_button.changed.connect(self._on_cell_clicked)
+        self._cancel_button.changed.connect(self.cancel)
+        viewer.layers.events.inserted.connect(self.reset_choices)
+        viewer.layers.events.removed.connect(self.reset_choices)
+        viewer.mouse_drag_callbacks.append(self._on_mouse)
+
+    # --- choices --------------------------------------------------------------------------
+
+    def _slide_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return [
+            (layer.name, layer) for layer in self._viewer.layers if slide_info(layer) is not None
+        ]
+
+    def _shapes_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        return [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if layer.__class__.__name__ == "Shapes"
+        ]
+
+    def _on_model_kind(self, value: str) -> None:
+        self._model_file.visible = value == "file"
+        self._update_classes()
+
+    def _on_model_file(self, _value: Any) -> None:
+        self._update_classes()
+
+    def _update_classes(self) -> None:
+        spec = self.model_spec
+        if spec == "bundled":
+            names: tuple[str, ...] = BUNDLED_CLASSES
+        else:
+            try:
+                names = tuple(self._load_model(spec).meta.class_names)
+            except Exception as exc:  # shown to the user, who picks another file
+                self._status.value = f"cannot load model: {exc}"
+                return
+        current = self._target.value
+        self._target.choices = names
+        if current in names:
+            self._target.value = current
+        elif len(names) > 1:
+            self._target.value = names[1]
+
+    # --- settings -------------------------------------------------------------------------
+
+    @property
+    def model_spec(self) -> str:
+        """``"bundled"`` or the path of the chosen model file."""
+        if self._model.value == "file":
+            path = Path(self._model_file.value)
+            if str(path) in ("", ".") or not path.is_file():
+                raise ValueError(
+                    f"model file {str(path)!r} does not exist; choose a .safetensors or "
+                    "TorchScript file, or set model to 'bundled'"
+                )
+            return str(path)
+        return "bundled"
+
+    def set_settings(
+        self,
+        *,
+        substrate: str | None = None,
+        batch_size: int | None = None,
+        max_depth: int | None = None,
+        target: str | None = None,
+    ) -> None:
+        """Set the widget's HiPe options from code (``max_depth=0``: no limit)."""
+        if substrate is not None:
+            if substrate not in SUBSTRATES:
+                raise ValueError(f"substrate must be one of {list(SUBSTRATES)}, got {substrate!r}")
+            self._substrate.value = substrate
+        if batch_size is not None:
+            self._batch.value = int(batch_size)
+        if max_depth is not None:
+            self._depth.value = int(max_depth)
+        if target is not None:
+            if target not in self._target.choices:
+                raise ValueError(
+                    f"target must be one of {list(self._target.choices)}, got {target!r}"
+                )
+            self._target.value = target
+
+    def overrides(self) -> dict[str, Any]:
+        """The configuration overrides the current settings stand for (dotted keys)."""
+        return {
+            "hipe.substrate": self._substrate.value,
+            "hipe.batch_size": int(self._batch.value),
+            "hipe.max_depth": int(self._depth.value) or None,
+            "score.class": list(self._target.choices).index(self._target.value),
+            "model.path": self.model_spec,
+        }
+
+    def config(self, slide_layer: Any) -> Any:
+        """The run configuration: the output's resolved config (when the slide came from a
+        wsi-hipe output) or the defaults, with the widget's settings on top."""
+        from wsi_hipe.config import Config, load_config
+
+        info = slide_info(slide_layer) or {}
+        base = info.get("config")
+        overrides = self.overrides()
+        if isinstance(base, dict):
+            try:
+                return Config.model_validate(base).with_overrides(overrides)
+            except Exception as exc:  # an older output's config: fall back to defaults
+                logger.warning("ignoring the output's config (%s); using the defaults", exc)
+        if info.get("mpp_override") is not None:
+            overrides["slide.mpp"] = info["mpp_override"]
+        return load_config(overrides=overrides)
+
+    def _load_model(self, spec: str) -> Any:
+        model = self._models.get(spec)
+        if model is None:
+            from wsi_hipe.models import load_model
+
+            model = load_model(spec)
+            self._models[spec] = model
+        return model
+
+    # --- target selection ----------------------------------------------------------------
+
+    def slide_layer(self) -> Any:
+        """The chosen slide layer (the first one when none is chosen)."""
+        self._slide.reset_choices()
+        layer = self._slide.value
+        if layer is None:
+            choices = self._slide_choices()
+            if not choices:
+                raise ValueError(
+                    "no slide layer: open a wsi-hipe output (.ome.zarr) or a slide file first"
+                )
+            layer = choices[0][1]
+        return layer
+
+    def current_view_box(self) -> tuple[float, float, float, float]:
+        """The world rectangle (y_min, x_min, y_max, x_max) in µm shown on the canvas."""
+        viewer = self._viewer
+        centre = np.asarray(viewer.camera.center)[-2:]
+        zoom = float(viewer.camera.zoom)
+        size = np.asarray(viewer._canvas_size, dtype=float)[-2:]
+        half = size / (2 * zoom)
+        return (
+            float(centre[0] - half[0]),
+            float(centre[1] - half[1]),
+            float(centre[0] + half[0]),
+            float(centre[1] + half[1]),
+        )
+
+    def drawn_box(self) -> tuple[float, float, float, float]:
+        """The world rectangle of the selected (else the last) shape of the rectangles layer."""
+        self._shapes.reset_choices()
+        layer = self._shapes.value
+        if layer is None:
+            choices = self._shapes_choices()
+            layer = choices[-1][1] if choices else None
+        if layer is None or len(layer.data) == 0:
+            raise ValueError(
+                "no rectangle drawn: add a Shapes layer and draw a rectangle, or set region "
+                "to 'current view'"
+            )
+        selected = sorted(layer.selected_data)
+        index = selected[0] if selected else len(layer.data) - 1
+        vertices = np.asarray(layer.data[index], dtype=float)[:, -2:]
+        world = np.array([layer.data_to_world(v) for v in vertices])[:, -2:]
+        y_min, x_min = world.min(axis=0)
+        y_max, x_max = world.max(axis=0)
+        return float(y_min), float(x_min), float(y_max), float(x_max)
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def explain_region(self, box_um: tuple[float, float, float, float] | None = None) -> Any:
+        """Explain a region of the slide; returns the started thread worker.
+
+        Parameters
+        ----------
+        box_um : (y_min, x_min, y_max, x_max) floats in µm, optional
+            The world rectangle; default: the drawn rectangle or the current view, as the
+            "region" setting says.
+        """
+        layer = self.slide_layer()
+        info = slide_info(layer)
+        if box_um is None:
+            box_um = (
+                self.drawn_box()
+                if self._source.value == REGION_SOURCES[0]
+                else (self.current_view_box())
+            )
+        box = RegionBox.from_world(*box_um, mpp=info["mpp"])
+        width, height = info["dimensions"]
+        box = box.clipped(width, height)
+        if max(box.width, box.height) > MAX_REGION_SIDE:
+            raise ValueError(
+                f"region of {box.width}x{box.height} level-0 px is larger than "
+                f"{MAX_REGION_SIDE} px per side; draw a smaller rectangle or zoom in"
+            )
+        return self._start("region", layer, box=box)
+
+    def explain_cell(self, y_um: float, x_um: float) -> Any:
+        """Explain the segmented cell under the world point ``(y_um, x_um)`` (µm); the score
+        is that cell's area. Returns the started thread worker."""
+        layer = self.slide_layer()
+        info = slide_info(layer)
+        mpp = info["mpp"]
+        x = float(x_um) / mpp
+        y = float(y_um) / mpp
+        width, height = info["dimensions"]
+        if not (-0.5 <= x < width - 0.5 and -0.5 <= y < height - 0.5):
+            raise ValueError(
+                f"point ({y_um:.1f}, {x_um:.1f}) µm lies outside the slide; click on the tissue"
+            )
+        return self._start("cell", layer, point=(x, y))
+
+    def cancel(self, *_args: Any) -> None:
+        """Ask the running explanation to stop at its next check."""
+        self._stop.set()
+        self._status.value = "cancelling…"
+
+    def _on_region_clicked(self, *_args: Any) -> None:
+        try:
+            self.explain_region()
+        except ValueError as exc:
+            self._status.value = str(exc)
+            _notify(str(exc))
+
+    def _on_cell_clicked(self, *_args: Any) -> None:
+        self._picking = True
+        self._status.value = "click a segmented cell in the viewer"
+
+    def _on_mouse(self, viewer: Any, event: Any) -> None:
+        if not self._picking or event.type != "mouse_press":
+            return
+        self._picking = False
+        y_um, x_um = (float(v) for v in event.position[-2:])
+        try:
+            self.explain_cell(y_um, x_um)
+        except ValueError as exc:
+            self._status.value = str(exc)
+            _notify(str(exc))
+
+    def _start(self, kind: str, layer: Any, **target: Any) -> Any:
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None and self.worker.is_running:
+            raise ValueError("an explanation is already running; wait for it or press Cancel")
+        info = slide_info(layer)
+        config = self.config(layer)
+        spec = self.model_spec
+        self._stop.clear()
+        self._runs += 1
+        run = self._runs
+        shared: dict[str, Any] = {}
+        worker = create_worker(
+            _run_explanation,
+            kind,
+            info,
+            config,
+            spec,
+            self._load_model,
+            self._stop,
+            target,
+            shared,
+            _progress={"desc": f"HiPe {kind}", "total": 0},
+        )
+        shared["pbar"] = getattr(worker, "pbar", None)
+        worker.returned.connect(lambda out: self._on_returned(out, kind, run, info))
+        worker.errored.connect(self._on_errored)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._cancel_button.enabled = True
+        self._region_button.enabled = False
+        self._cell_button.enabled = False
+        self._status.value = f"explaining {kind}…"
+        worker.start()
+        return worker
+
+    def _on_returned(self, out: tuple[Any, float], kind: str, run: int, info: dict) -> None:
+        result, seconds = out
+        self.last_result = result
+        if result is None:
+            self._status.value = "cancelled"
+            self.last_layers = []
+            return
+        layers = []
+        for data, kwargs, layer_type in result_layer_data(
+            result, slide_mpp=info["mpp"], name=f"HiPe {kind} #{run}"
+        ):
+            add = getattr(self._viewer, f"add_{layer_type}")
+            layers.append(add(data, **kwargs))
+        self.last_layers = layers
+        passes = getattr(result, "forward_passes", None)
+        self._status.value = (
+            f"{kind} #{run}: {passes if passes is not None else '?'} forward passes, "
+            f"{seconds:.1f} s"
+        )
+
+    def _on_errored(self, exc: BaseException) -> None:
+        self._status.value = f"failed: {exc}"
+        logger.error("HiPe run failed: %s", exc)
+
+    def _on_finished(self) -> None:
+        self._cancel_button.enabled = False
+        self._region_button.enabled = True
+        self._cell_button.enabled = True
+
+
+def _run_explanation(
+    kind: str,
+    info: dict,
+    config: Any,
+    spec: str,
+    load_model: Any,
+    stop: threading.Event,
+    target: dict[str, Any],
+    shared: dict[str, Any],
+) -> tuple[Any, float]:
+    """Worker body: open the slide, run the pipeline, report progress (runs off the GUI thread)."""
+    from wsi_hipe import pipeline
+    from wsi_hipe.slide import open_slide
+
+    pbar = shared.get("pbar")
+    start = time.perf_counter()
+
+    def progress(*args: Any) -> None:
+        values = _progress_values(args)
+        if pbar is not None and values is not None:
+            done, total = values
+            if total > 0 and pbar.total != total:
+                pbar.total = total
+            if done > pbar.n:
+                pbar.update(done - pbar.n)
+
+    model = load_model(spec)
+    slide = open_slide(
+        info["path"], mpp=info.get("mpp_override"), channel=info.get("channel", "auto")
+    )
+    try:
+        common = {
+            "config": config,
+            "model": model,
+            "progress": progress,
+            "should_stop": stop.is_set,
+        }
+        if kind == "region":
+            box: RegionBox = target["box"]
+            result = pipeline.explain_region(slide, box.x0, box.y0, box.width, box.height, **common)
+        else:
+            x, y = target["point"]
+            result = pipeline.explain_cell(slide, x, y, **common)
+    finally:
+        close = getattr(slide, "close", None)
+        if callable(close):
+            close()
+    if stop.is_set():
+        return None, time.perf_counter() - start
+    return result, time.perf_counter() - start
+
+
+def _notify(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_warning
+
+        show_warning(message)
+    except Exception:  # no napari notification manager (e.g. scripts): the status label says it
+        logger.warning("%s", message)
