@@ -1,0 +1,187 @@
+"""Tissue detection on a fluorescence thumbnail (bright tissue on a dark background).
+
+A nuclear stain lights up nuclei, not tissue as such: tissue is where nuclei are dense. The
+thumbnail is therefore smoothed first (a Gaussian of ``smooth_um`` µm), so that dense nuclei merge
+into a continuous region, then thresholded (Otsu by default), closed (``closing_um``), cleared of
+small holes (``max_hole_um2``) and of small specks (``min_area_um2``). All sizes are physical, so
+the result does not depend on the thumbnail size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["TissueMask", "detect_tissue", "THRESHOLDS"]
+
+logger = logging.getLogger(__name__)
+
+#: Automatic threshold methods (scikit-image ``threshold_<name>``).
+THRESHOLDS = ("otsu", "li", "triangle")
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A tissue mask on a thumbnail grid.
+
+    Attributes
+    ----------
+    mask : (h, w) bool ndarray
+        True where there is tissue. Mask px ``(r, c)`` covers level-0
+        ``[c·downsample, (c+1)·downsample) x [r·downsample, (r+1)·downsample)``.
+    downsample : float
+        Level-0 px per mask px.
+    fraction : float
+        Tissue fraction of the mask area, in [0, 1].
+    threshold : float
+        The threshold applied to the smoothed thumbnail (in the thumbnail's units).
+    """
+
+    mask: np.ndarray
+    downsample: float
+    fraction: float
+    threshold: float = math.nan
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return (xx * xx + yy * yy) <= radius * radius
+
+
+def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """Drop 8-connected components of ``mask`` smaller than ``min_px`` pixels."""
+    from scipy import ndimage
+
+    if min_px <= 1 or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    """Fill background components smaller than ``max_px`` that do not touch the border."""
+    from scipy import ndimage
+
+    if max_px <= 0:
+        return mask
+    holes, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(holes.ravel(), minlength=n + 1)
+    border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    fill = sizes <= max_px
+    fill[0] = False
+    fill[border] = False
+    return mask | fill[holes]
+
+
+def detect_tissue(
+    thumbnail: np.ndarray,
+    *,
+    downsample: float,
+    mpp: float,
+    threshold: str | float = "otsu",
+    smooth_um: float = 20.0,
+    closing_um: float = 20.0,
+    min_area_um2: float = 10_000.0,
+    max_hole_um2: float = 10_000.0,
+) -> TissueMask:
+    """Find tissue in a fluorescence thumbnail.
+
+    Parameters
+    ----------
+    thumbnail : (h, w) float ndarray
+        Stain intensity, bright = signal (e.g. ``Slide.thumbnail()``); NaN counts as background.
+    downsample : float
+        Level-0 px per thumbnail px.
+    mpp : float
+        µm per level-0 px; thumbnail px are ``mpp * downsample`` µm.
+    threshold : {'otsu', 'li', 'triangle'} or float, default 'otsu'
+        Automatic method applied to the smoothed thumbnail, or a fixed value in its units.
+    smooth_um : float, default 20
+        Gaussian sigma in µm applied before the threshold (0: none).
+    closing_um : float, default 20
+        Radius in µm of the disk used to close gaps in the mask (0: none).
+    min_area_um2 : float, default 10 000
+        Tissue pieces smaller than this are dropped (capped at a quarter of the thumbnail area,
+        so that a small crop that is all tissue is kept).
+    max_hole_um2 : float, default 10 000
+        Holes inside tissue up to this area are filled.
+
+    Returns
+    -------
+    TissueMask
+        An image without contrast (constant) has no tissue.
+    """
+    from scipy import ndimage
+
+    image = np.asarray(thumbnail, dtype=np.float64)
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"thumbnail must be a non-empty 2-D (h, w) array, got shape {image.shape}")
+    for name, value in [("downsample", downsample), ("mpp", mpp)]:
+        if not (
+            isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0
+        ):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    for name, value in [
+        ("smooth_um", smooth_um),
+        ("closing_um", closing_um),
+        ("min_area_um2", min_area_um2),
+        ("max_hole_um2", max_hole_um2),
+    ]:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if isinstance(threshold, str):
+        if threshold not in THRESHOLDS:
+            raise ValueError(
+                f"threshold must be one of {list(THRESHOLDS)} or a number, got {threshold!r}"
+            )
+    elif not (isinstance(threshold, (int, float, np.number)) and math.isfinite(threshold)):
+        raise ValueError(
+            f"threshold must be one of {list(THRESHOLDS)} or a number, got {threshold!r}"
+        )
+
+    px_um = float(mpp) * float(downsample)
+    image = np.where(np.isfinite(image), image, 0.0)
+    sigma_px = smooth_um / px_um
+    smoothed = (
+        ndimage.gaussian_filter(image, sigma_px, mode="nearest") if sigma_px >= 0.3 else image
+    )
+
+    if isinstance(threshold, str):
+        if float(smoothed.max() - smoothed.min()) <= 1e-12 * max(1.0, float(abs(smoothed).max())):
+            logger.info("tissue: thumbnail has no contrast; no tissue found")
+            empty = np.zeros(image.shape, dtype=bool)
+            return TissueMask(empty, float(downsample), 0.0, float(smoothed.max()))
+        from skimage import filters
+
+        value = float(getattr(filters, f"threshold_{threshold}")(smoothed))
+    else:
+        value = float(threshold)
+    mask = smoothed > value
+
+    radius = int(round(closing_um / px_um))
+    if radius >= 1 and mask.any():
+        pad = radius + 1
+        padded = np.pad(mask, pad, mode="edge")
+        mask = ndimage.binary_closing(padded, structure=_disk(radius))[pad:-pad, pad:-pad]
+    area_px_um2 = px_um * px_um
+    mask = _fill_small_holes(mask, max_hole_um2 / area_px_um2)
+    min_px = min(min_area_um2 / area_px_um2, 0.25 * mask.size)
+    mask = _remove_small(mask, min_px)
+
+    fraction = float(mask.mean())
+    logger.debug(
+        "tissue: threshold %s = %.4g, sigma %.2f px, fraction %.3f",
+        threshold,
+        value,
+        sigma_px,
+        fraction,
+    )
+    return TissueMask(mask, float(downsample), fraction, value)
