@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -333,7 +334,10 @@ def _load_torchscript(
 ) -> SegmentationModel:
     dev = resolve_device(device)
     try:
-        network = torch.jit.load(str(path), map_location=dev)
+        with warnings.catch_warnings():
+            # torch >= 2.9 flags TorchScript as deprecated; reading archives still works
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
+            network = torch.jit.load(str(path), map_location=dev)
     except (RuntimeError, ValueError, OSError) as exc:
         raise CheckpointError(
             f"cannot load {str(path)!r} as a TorchScript archive ({str(exc).splitlines()[0]}); "
