@@ -22,9 +22,13 @@ def test_defaults_are_valid_and_documented_values():
     assert cfg.schedule.scheduler == "sync"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_bundled_config_files_load(path):
-    cfg = load_config(path)
+#: Run configurations (configs/ also holds other tools' files, e.g. evaluate.yaml).
+RUN_CONFIGS = ("default.yaml", "fast.yaml", "gpu.yaml")
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_bundled_config_files_load(name):
+    cfg = load_config(CONFIGS / name)
     assert isinstance(cfg, Config)
 
 
@@ -63,12 +67,19 @@ def test_none_overrides_are_ignored():
         ({"output.ngff": "0.3"}, "output.ngff"),
         ({"schedule.scheduler": "mpi"}, "schedule.scheduler"),
         ({"model.device": "tpu"}, "model.device"),
-        ({"slide.channel": "red"}, "slide.channel: must be 'auto' or a channel index 0..3"),
+        ({"slide.channel": 3}, "slide.channel: must be 'auto', 'mean', 0/1/2"),
     ],
 )
 def test_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("Blue", "blue"), ("2", 2), (0, 0), ("mean", "mean")]
+)
+def test_channel_options(value, expected):
+    assert load_config(overrides={"slide.channel": value}).slide.channel == expected
 
 
 def test_config_error_is_a_value_error():

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 #: Score kinds a run can explain; all but ``"logit"`` are non-negative (see ``score.floor``).
 SCORE_KINDS = ("area", "mean", "logit")
 
+_CHANNEL_NAMES = ("auto", "mean", "red", "green", "blue")
+
 #: The U-Net's encoder halves the input four times, so a tile with its halo must be a
 #: multiple of 16 px on each side.
 _UNET_MULTIPLE = 16
@@ -60,24 +62,27 @@ class SlideConfig(_Section):
     ----------
     mpp : float or None
         µm per level-0 pixel; overrides the slide's metadata (needed when it has none).
-    channel : "auto" or int
-        The stain channel of an RGB(A) slide; ``"auto"`` picks the brightest-varying one.
+    channel : {"auto", "mean", 0, 1, 2, "red", "green", "blue"}
+        The stain channel of an RGB(A) slide; ``"auto"`` detects it (see
+        :func:`wsi_hipe.slide.open_slide`).
     allow_brightfield : bool
         Run on slides that look like RGB brightfield (H&E) instead of refusing them.
     """
 
     mpp: float | None = Field(default=None, gt=0)
-    channel: Literal["auto"] | int = "auto"
+    channel: str | int = "auto"
     allow_brightfield: bool = False
 
     @field_validator("channel", mode="before")
     @classmethod
-    def _channel_index(cls, value: Any) -> Any:
+    def _channel_option(cls, value: Any) -> Any:
         if isinstance(value, str) and value.isdigit():
             value = int(value)
-        if value == "auto" or (isinstance(value, int) and 0 <= value <= 3):
+        if isinstance(value, str) and value.lower() in _CHANNEL_NAMES:
+            return value.lower()
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2:
             return value
-        raise ValueError(f"must be 'auto' or a channel index 0..3, got {value!r}")
+        raise ValueError(f"must be 'auto', 'mean', 0/1/2 or 'red'/'green'/'blue', got {value!r}")
 
 
 class TilingConfig(_Section):
