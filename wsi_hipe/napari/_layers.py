@@ -296,15 +296,16 @@ def result_layer_data(result: Any, *, slide_mpp: float, name: str) -> list[Layer
     result : RegionResult
         From :func:`wsi_hipe.pipeline.explain_region` or ``explain_cell``.
     slide_mpp : float
-        µm per level-0 pixel of the slide the result was computed on.
+        µm per level-0 pixel of the slide the result was computed on (used only when the
+        result does not carry its own placement).
     name : str
         Base name of the layers.
 
     Returns
     -------
     list of (data, kwargs, layer_type)
-        The saliency (additive, perceptual colormap) and, when the result has one, the
-        segmentation of the region.
+        The saliency (additive, perceptual colormap), the explained cell (for
+        :func:`~wsi_hipe.pipeline.explain_cell`) and the segmentation of the region (hidden).
     """
     transform = result_transform(result, slide_mpp=slide_mpp)
     saliency = np.asarray(result.saliency, dtype=np.float32)
@@ -325,6 +326,22 @@ def result_layer_data(result: Any, *, slide_mpp: float, name: str) -> list[Layer
             "image",
         )
     ]
+    cell_mask = getattr(result, "cell_mask", None)
+    if cell_mask is not None:
+        layers.append(
+            (
+                np.asarray(cell_mask).astype(np.uint8),
+                {
+                    "name": f"{name} cell",
+                    "scale": transform.scale,
+                    "translate": transform.translation,
+                    "opacity": 0.4,
+                    "metadata": {"wsi_hipe": {"kind": "result-cell"}},
+                    "units": "µm",
+                },
+                "labels",
+            )
+        )
     segmentation = getattr(result, "segmentation", None)
     if segmentation is not None:
         layers.append(
@@ -345,25 +362,28 @@ def result_layer_data(result: Any, *, slide_mpp: float, name: str) -> list[Layer
     return layers
 
 
-def result_transform(result: Any, *, slide_mpp: float) -> LevelTransform:
-    """World transform (µm) of a region result's arrays.
+def result_transform(result: Any, *, slide_mpp: float | None = None) -> LevelTransform:
+    """World transform (µm) of a :class:`wsi_hipe.pipeline.RegionResult`'s arrays.
 
-    Uses the result's own ``scale``/``translation`` when it carries them; otherwise its
-    top-left level-0 pixel ``(x0, y0)`` and target resolution ``mpp``: target pixel ``i``
-    covers level-0 ``[x0 + i·s, x0 + (i+1)·s)`` with ``s = mpp / slide_mpp``.
+    Uses the result's ``scale_um`` / ``translate_um`` when it has them; otherwise its
+    ``origin`` (level-0 ``(x, y)`` of the top-left corner of target pixel ``[0, 0]``), ``scale``
+    (level-0 px per target px) and ``slide_mpp``: target pixel ``[0, 0]`` covers level-0
+    ``[x0, x0 + scale)``, whose centre lies at level-0 pixel coordinate ``x0 + (scale − 1)/2``
+    (level-0 pixel ``i`` centred at world ``i·slide_mpp``).
     """
-    scale = getattr(result, "scale", None)
-    translation = getattr(result, "translation", None)
-    if scale is not None and translation is not None and not callable(scale):
-        s = tuple(float(v) for v in np.broadcast_to(np.asarray(scale, float), (2,)))
-        t = tuple(float(v) for v in np.broadcast_to(np.asarray(translation, float), (2,)))
-        return LevelTransform(scale=s, translation=t)
-    mpp = float(result.mpp)
-    base = level_transform(slide_mpp, mpp / slide_mpp)
+    scale_um = getattr(result, "scale_um", None)
+    translate_um = getattr(result, "translate_um", None)
+    if scale_um is not None and translate_um is not None:
+        return LevelTransform(
+            scale=(float(scale_um[0]), float(scale_um[1])),
+            translation=(float(translate_um[0]), float(translate_um[1])),
+        )
+    m0 = float(getattr(result, "slide_mpp", None) or slide_mpp or 0)
+    if not m0 > 0:
+        raise ValueError("the result carries no slide_mpp; pass slide_mpp= (µm per level-0 px)")
+    x0, y0 = (float(v) for v in result.origin)
+    base = level_transform(m0, float(result.scale))
     return LevelTransform(
         scale=base.scale,
-        translation=(
-            base.translation[0] + float(result.y0) * slide_mpp,
-            base.translation[1] + float(result.x0) * slide_mpp,
-        ),
+        translation=(base.translation[0] + y0 * m0, base.translation[1] + x0 * m0),
     )

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK = 512
 
 #: The pyramid stops at the first level whose longer side is at most this many pixels.
-DEFAULT_MIN_SIZE = 512
+DEFAULT_MIN_SIZE = 256
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,11 @@ def is_wsi_hipe_output(path: str | Path) -> bool:
 
 
 def is_slide_file(path: str | Path) -> bool:
-    """True when ``path`` is a file with a slide suffix that OpenSlide recognises."""
+    """True when ``path`` is a file with a slide suffix that OpenSlide recognises and opens.
+
+    Opening reads only the file's headers; a file OpenSlide recognises but cannot open (e.g. an
+    unsupported TIFF compression) is left to other readers.
+    """
     path = Path(path)
     if not path.is_file() or path.suffix.lower() not in SLIDE_SUFFIXES:
         return False
@@ -57,9 +61,13 @@ def is_slide_file(path: str | Path) -> bool:
     except ImportError:  # pragma: no cover - openslide is a core dependency
         return False
     try:
-        return openslide.OpenSlide.detect_format(str(path)) is not None
-    except Exception:
+        if openslide.OpenSlide.detect_format(str(path)) is None:
+            return False
+        openslide.OpenSlide(str(path)).close()
+    except Exception as exc:  # OpenSlideError, OpenSlideUnsupportedFormatError, OSError
+        logger.debug("%s is not a slide OpenSlide can open: %s", path, exc)
         return False
+    return True
 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:

@@ -367,10 +367,11 @@ class ExplainWidget(Container):
         layer = self.slide_layer()
         info = slide_info(layer)
         mpp = info["mpp"]
-        x = float(x_um) / mpp
-        y = float(y_um) / mpp
+        # Level-0 pixel i is centred at world i·mpp and spans continuous coordinates [i, i+1).
+        x = float(x_um) / mpp + 0.5
+        y = float(y_um) / mpp + 0.5
         width, height = info["dimensions"]
-        if not (-0.5 <= x < width - 0.5 and -0.5 <= y < height - 0.5):
+        if not (0 <= x < width and 0 <= y < height):
             raise ValueError(
                 f"point ({y_um:.1f}, {x_um:.1f}) µm lies outside the slide; click on the tissue"
             )
@@ -442,8 +443,12 @@ class ExplainWidget(Container):
     def _on_returned(self, out: tuple[Any, float], kind: str, run: int, info: dict) -> None:
         result, seconds = out
         self.last_result = result
-        if result is None:
-            self._status.value = "cancelled"
+        passes = getattr(result, "forward_passes", None)
+        passes_text = "?" if passes is None else str(passes)
+        if result is None or getattr(result, "stopped", False):
+            self._status.value = (
+                f"{kind} #{run} cancelled after {passes_text} forward passes, {seconds:.1f} s"
+            )
             self.last_layers = []
             return
         layers = []
@@ -453,11 +458,7 @@ class ExplainWidget(Container):
             add = getattr(self._viewer, f"add_{layer_type}")
             layers.append(add(data, **kwargs))
         self.last_layers = layers
-        passes = getattr(result, "forward_passes", None)
-        self._status.value = (
-            f"{kind} #{run}: {passes if passes is not None else '?'} forward passes, "
-            f"{seconds:.1f} s"
-        )
+        self._status.value = f"{kind} #{run}: {passes_text} forward passes, {seconds:.1f} s"
 
     def _on_errored(self, exc: BaseException) -> None:
         self._status.value = f"failed: {exc}"
@@ -516,8 +517,6 @@ def _run_explanation(
         close = getattr(slide, "close", None)
         if callable(close):
             close()
-    if stop.is_set():
-        return None, time.perf_counter() - start
     return result, time.perf_counter() - start
 
 
