@@ -47,12 +47,12 @@ DEFAULT_CLASS_NAMES = ("background", "lymphocyte", "nucleus")
 DEFAULT_NORMALIZATION: dict[str, Any] = {
     "kind": "percentile",
     "low_percentile": 1.0,
-    "high_percentile": 99.8,
-    "clip": False,
+    "high_percentile": 99.5,
+    "clip": [0.0, 1.5],
     "description": (
-        "single stain channel, float32, scaled per slide (or per image) so that "
-        "the low percentile (background) maps to 0 and the high percentile "
-        "(bright nuclei) maps to 1"
+        "single stain channel, float32: (x - low) / (high - low) clipped to [0, 1.5], where "
+        "low is the 1st percentile of the scanned pixels (background -> 0) and high the "
+        "99.5th percentile of the tissue pixels (bright nuclei -> 1), as wsi_hipe.slide does"
     ),
 }
 
