@@ -791,6 +791,17 @@ class Slide:
     def __repr__(self) -> str:
         return f"Slide({self.path!r}, dimensions={self.dimensions}, mpp={self.mpp:.4g})"
 
+    def close(self) -> None:
+        """Drop this process's cached handle of the slide (a later read reopens it)."""
+        if self._path is not None:
+            _evict_reader(self._path)
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- stain analysis -------------------------------------------------------------------
 
     def _read_raw(
