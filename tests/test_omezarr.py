@@ -457,7 +457,9 @@ def test_refinalize_with_fewer_levels_drops_stale_levels(tmp_path):
     store.finalize()
     store.finalize(levels=2, workers=1)
     view = read_output(path)
-    assert view.levels == 2 and len(view.segmentation) == 2
+    assert view.levels == 2 and len(view.segmentation) == 2 and view.finalized
+    open_output(path, fingerprint="fp-1")  # resuming makes the pyramid stale
+    assert not read_output(path).finalized
     assert not (path / "2").exists() and not (path / "labels" / "tissue" / "3").exists()
 
 

@@ -899,6 +899,8 @@ def open_output(
     OutputStore
         Its :meth:`~OutputStore.finished_tiles` says which tiles to skip. A truncated last line
         of the tile table (a crash during a write) is terminated so later records stay readable.
+        A finalized output goes back to state "writing" (its pyramid is rebuilt by the next
+        :meth:`~OutputStore.finalize`). Call it from one process (the scheduler's).
 
     Raises
     ------
@@ -928,6 +930,15 @@ def open_output(
             f"{str(meta.get('fingerprint'))[:12]}…, now {fingerprint[:12]}…); "
             "use --overwrite or another -o"
         )
+    if meta.get("state") == _STATE_FINAL:
+        # New tiles will change level 0: the pyramid is stale until finalize() runs again.
+        import zarr
+
+        root = zarr.open_group(str(path), mode="r+")
+        attrs = dict(root.attrs)
+        meta = {**meta, "state": _STATE_WRITING}
+        attrs[META_GROUP] = {**attrs[META_GROUP], "output": meta}
+        root.attrs.put(attrs)
     table = path / TILES_JSONL
     if table.is_file() and table.stat().st_size:
         with open(table, "rb+") as handle:
