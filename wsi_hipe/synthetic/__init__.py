@@ -11,5 +11,15 @@ from wsi_hipe.synthetic._render import (
     render_region,
     render_tile,
 )
+from wsi_hipe.synthetic._write import LAYOUTS, SyntheticSlide, ground_truth_paths, write_slide
 
-__all__ = ["CELL_CLASSES", "SyntheticRegion", "render_region", "render_tile"]
+__all__ = [
+    "CELL_CLASSES",
+    "LAYOUTS",
+    "SyntheticRegion",
+    "SyntheticSlide",
+    "ground_truth_paths",
+    "render_region",
+    "render_tile",
+    "write_slide",
+]

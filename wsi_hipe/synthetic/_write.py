@@ -1,0 +1,480 @@
+"""Write a virtual slide as a tiled pyramidal TIFF that OpenSlide opens, with ground truth.
+
+Memory stays bounded whatever the slide size:
+
+* level 0 is rendered tile by tile (:func:`render_region` per tile) and streamed into the TIFF
+  through a generator;
+* each rendered tile is also averaged 2×2 into a one-tile-row band of level 1, appended to a
+  raw scratch file beside the output; every lower level is then streamed from the scratch file
+  of the level above, one band of ``tile_size`` rows at a time, while writing the next one.
+  So the pyramid levels are exact 2×2 means of the stored level 0 (what a viewer expects), and
+  memory grows with the slide *width* only (one band: ``tile_size × width / 2`` samples);
+* the ground-truth TIFFs are written at the same time by one background thread each, fed tile by
+  tile through small bounded queues, so level 0 is rendered once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import queue
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wsi_hipe.errors import OutputError
+from wsi_hipe.synthetic._render import (
+    CELL_CLASSES,
+    _check_int,
+    _check_mpp,
+    _check_seed,
+    _check_size,
+    render_region,
+)
+
+__all__ = ["LAYOUTS", "SyntheticSlide", "ground_truth_paths", "write_slide"]
+
+logger = logging.getLogger(__name__)
+
+#: Pixel layouts of the slide file: ``"gray"`` uint8 single channel (minisblack), ``"gray16"``
+#: uint16 single channel (OpenSlide returns its top 8 bits), ``"rgb"`` uint8 RGB with the stain
+#: in blue and 0 in red and green (how Hamamatsu fluorescence NDPI slides arrive via OpenSlide).
+LAYOUTS = ("gray", "gray16", "rgb")
+
+_GT_SUFFIXES = {
+    "lymphocytes": ".lymphocytes.tiff",
+    "nuclei": ".nuclei.tiff",
+    "tissue": ".tissue.tiff",
+    "cells": ".cells.csv",
+    "meta": ".gt.json",
+}
+
+
+@dataclass(frozen=True)
+class SyntheticSlide:
+    """What :func:`write_slide` wrote.
+
+    Attributes
+    ----------
+    path : Path
+        The slide (tiled pyramidal TIFF).
+    ground_truth : dict of str to Path
+        ``"lymphocytes"``, ``"nuclei"``, ``"tissue"`` (tiled TIFFs), ``"cells"`` (CSV) and
+        ``"meta"`` (JSON describing all of them); empty when ground truth was not written.
+    n_cells : dict of str to int
+        Cells centred inside the slide, per class (``"lymphocyte"``, ``"tumour"``,
+        ``"stromal"``).
+    mpp : float
+        µm per pixel at level 0.
+    size : (int, int)
+        Level-0 (width, height) in px.
+    seed : int
+    layout : str
+    level_dimensions : tuple of (int, int)
+        (width, height) of each pyramid level.
+    gt_downsample : int
+        Level-0 px per ground-truth pixel.
+    """
+
+    path: Path
+    ground_truth: dict[str, Path] = field(default_factory=dict)
+    n_cells: dict[str, int] = field(default_factory=dict)
+    mpp: float = 0.5
+    size: tuple[int, int] = (0, 0)
+    seed: int = 0
+    layout: str = "gray"
+    level_dimensions: tuple[tuple[int, int], ...] = ()
+    gt_downsample: int = 1
+
+
+def ground_truth_paths(path: str | Path) -> dict[str, Path]:
+    """Where :func:`write_slide` puts the ground truth of the slide ``path``.
+
+    ``<stem>.lymphocytes.tiff``, ``<stem>.nuclei.tiff``, ``<stem>.tissue.tiff``,
+    ``<stem>.cells.csv`` and ``<stem>.gt.json`` beside the slide, ``<stem>`` being the file
+    name without its last suffix.
+    """
+    path = Path(path)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return {key: path.with_name(stem + suffix) for key, suffix in _GT_SUFFIXES.items()}
+
+
+def _down2(a: np.ndarray) -> np.ndarray:
+    """2×2 mean (rounded half up) of a (H, W) integer image; an odd last row/column is repeated."""
+    if a.shape[0] % 2:
+        a = np.concatenate([a, a[-1:]], axis=0)
+    if a.shape[1] % 2:
+        a = np.concatenate([a, a[:, -1:]], axis=1)
+    s = (
+        a[0::2, 0::2].astype(np.uint32)
+        + a[1::2, 0::2]
+        + a[0::2, 1::2]
+        + a[1::2, 1::2]
+        + np.uint32(2)
+    )
+    return (s // np.uint32(4)).astype(a.dtype)
+
+
+class _TiffSink:
+    """A tiled single-page TIFF written by a background thread from tiles put one at a time."""
+
+    def __init__(self, path: Path, **write_kwargs) -> None:
+        self.path = path
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(write_kwargs,), name=f"wsi-hipe-{path.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _tiles(self) -> Iterator[np.ndarray]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            yield item
+
+    def _run(self, write_kwargs: dict) -> None:
+        import tifffile
+
+        try:
+            with tifffile.TiffWriter(self.path, bigtiff=write_kwargs.pop("bigtiff")) as tif:
+                tif.write(self._tiles(), **write_kwargs)
+        except BaseException as exc:  # reported to the producer by put() / close()
+            self._error = exc
+
+    def _raise(self) -> None:
+        raise OutputError(f"could not write {self.path}: {self._error}") from self._error
+
+    def put(self, tile: np.ndarray | None) -> None:
+        while True:
+            if self._error is not None:
+                self._raise()
+            try:
+                self._queue.put(tile, timeout=0.2)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    if self._error is not None:
+                        self._raise()
+                    raise OutputError(f"writer of {self.path} stopped early") from None
+
+    def close(self) -> None:
+        self.put(None)
+        self._thread.join()
+        if self._error is not None:
+            self._raise()
+
+    def abort(self) -> None:
+        """Stop the writer thread without raising (used while another error propagates)."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
+            self._thread.join(timeout=0.05)
+
+
+def _check_options(layout, tile_size, gt_downsample) -> tuple[str, int, int]:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    tile_size = _check_int("tile_size", tile_size, minimum=16)
+    if tile_size % 16:
+        raise ValueError(
+            f"tile_size must be a multiple of 16 (TIFF tiles), got {tile_size}; try 256 or 512"
+        )
+    d = _check_int("gt_downsample", gt_downsample, minimum=1)
+    if tile_size % d or (tile_size // d) % 16:
+        ok = [
+            k
+            for k in range(1, tile_size // 16 + 1)
+            if tile_size % k == 0 and (tile_size // k) % 16 == 0
+        ]
+        raise ValueError(
+            f"gt_downsample must divide tile_size into tiles of a multiple of 16 px; "
+            f"with tile_size={tile_size} use one of {ok}, got {gt_downsample!r}"
+        )
+    return layout, tile_size, d
+
+
+def write_slide(
+    path: str | Path,
+    *,
+    size: int | tuple[int, int] = 4096,
+    seed: int = 0,
+    mpp: float = 0.5,
+    layout: str = "gray",
+    tile_size: int = 512,
+    artefacts: bool = True,
+    ground_truth: bool = True,
+    gt_downsample: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> SyntheticSlide:
+    """Write a synthetic Hoechst slide as a tiled pyramidal TIFF, with its ground truth.
+
+    The file is a plain tiled TIFF (zlib-compressed) whose pages are the pyramid levels, each
+    half the size of the one before, down to one tile; level 0 carries X/YResolution in pixels
+    per centimetre, so OpenSlide (driver ``generic-tiff``) reports ``openslide.mpp-x`` = ``mpp``.
+    The same arguments always give the same bytes.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output slide, e.g. ``slide.tiff``; an existing file is replaced. Its folder must exist.
+    size : int or (width, height), keyword-only
+        Level-0 size in px (``wsi-hipe synth --size``).
+    seed : int, keyword-only
+        Seed of the virtual slide (``--seed``).
+    mpp : float, keyword-only
+        µm per pixel at level 0 (``--mpp``).
+    layout : {'gray', 'gray16', 'rgb'}, keyword-only
+        Pixel layout (``--layout``), see :data:`LAYOUTS`.
+    tile_size : int, keyword-only
+        TIFF tile side in px, a multiple of 16; also the rendering tile.
+    artefacts : bool, keyword-only
+        Debris, folds, out-of-focus patches (``--no-artefacts`` turns them off).
+    ground_truth : bool, keyword-only
+        Write the ground truth beside the slide (see :func:`ground_truth_paths`):
+        lymphocyte instances (uint32, ids as in the cell table), all nuclei and tissue (uint8,
+        1 = yes) as tiled TIFFs, the cell table (``id,x,y,cls,area_px``; x, y in level-0 px,
+        pixel ``i`` centred at ``i``) and a JSON file describing them.
+    gt_downsample : int, keyword-only
+        Level-0 px per ground-truth pixel; ground-truth pixel ``(r, c)`` is the level-0 pixel
+        ``(r·d + d//2, c·d + d//2)`` (nearest sampling). ``tile_size / gt_downsample`` must be a
+        multiple of 16.
+    progress : callable(done, total), optional, keyword-only
+        Called after each level-0 tile.
+
+    Returns
+    -------
+    SyntheticSlide
+    """
+    import tifffile
+
+    path = Path(path)
+    width, height = _check_size(size)
+    seed = _check_seed(seed)
+    mpp = _check_mpp(mpp)
+    layout, tile, d = _check_options(layout, tile_size, gt_downsample)
+    if not isinstance(artefacts, (bool, np.bool_)):
+        raise ValueError(f"artefacts must be True or False, got {artefacts!r}")
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name such as {path / 'slide.tiff'}")
+
+    dtype = np.dtype(np.uint16 if layout == "gray16" else np.uint8)
+    scale = float(np.iinfo(dtype).max)
+    channels = 3 if layout == "rgb" else 1
+    dims = [(width, height)]
+    while max(dims[-1]) > tile:
+        w, h = dims[-1]
+        dims.append(((w + 1) // 2, (h + 1) // 2))
+    raw_bytes = width * height * channels * dtype.itemsize * 4 // 3
+    bigtiff = raw_bytes > 2**31
+    res0 = 1e4 / mpp  # px per cm
+    common = {
+        "dtype": dtype,
+        "tile": (tile, tile),
+        "photometric": "rgb" if layout == "rgb" else "minisblack",
+        "compression": "zlib",
+        "resolutionunit": "CENTIMETER",
+        "metadata": None,
+        "software": "wsi-hipe",
+        "maxworkers": 1,
+    }
+    gt_paths = ground_truth_paths(path) if ground_truth else {}
+    gt_shape = (len(range(d // 2, height, d)), len(range(d // 2, width, d)))
+    gt_bigtiff = gt_shape[0] * gt_shape[1] * 4 > 2**31
+    n_cells = dict.fromkeys(CELL_CLASSES.values(), 0)
+    n_cols = math.ceil(width / tile)
+    n_tiles = n_cols * math.ceil(height / tile)
+    written: list[Path] = []
+
+    def as_layout(t: np.ndarray) -> np.ndarray:
+        if channels == 1:
+            return np.ascontiguousarray(t)
+        out = np.zeros((*t.shape, 3), dtype=t.dtype)
+        out[..., 2] = t
+        return out
+
+    def level0_tiles(sinks: dict[str, _TiffSink], band_file, table) -> Iterator[np.ndarray]:
+        done = 0
+        for y0 in range(0, height, tile):
+            th = min(tile, height - y0)
+            band = np.zeros(((th + 1) // 2, (width + 1) // 2), dtype=dtype)
+            for x0 in range(0, width, tile):
+                tw = min(tile, width - x0)
+                reg = render_region(
+                    x0,
+                    y0,
+                    tw,
+                    th,
+                    seed=seed,
+                    mpp=mpp,
+                    slide_size=(width, height),
+                    artefacts=artefacts,
+                )
+                q = np.floor(reg.image * scale + 0.5).astype(dtype)
+                for cell in reg.cells:
+                    n_cells[cell["cls"]] += 1
+                    if table is not None:
+                        table.writerow(
+                            [cell["id"], f"{cell['x']:.3f}", f"{cell['y']:.3f}", cell["cls"]]
+                            + [cell["area_px"]]
+                        )
+                if sinks:
+                    sub = (slice(d // 2, None, d), slice(d // 2, None, d))
+                    sinks["lymphocytes"].put(reg.lymphocytes[sub].astype(np.uint32))
+                    sinks["nuclei"].put(reg.nuclei[sub].astype(np.uint8))
+                    sinks["tissue"].put(reg.tissue[sub].astype(np.uint8))
+                if band_file is not None:
+                    small = _down2(q)
+                    band[:, x0 // 2 : x0 // 2 + small.shape[1]] = small
+                    if x0 + tile >= width:  # the row is complete; tifffile may not ask again
+                        band.tofile(band_file)
+                done += 1
+                if progress is not None:
+                    progress(done, n_tiles)
+                yield as_layout(q)
+
+    def level_tiles(src: Path, w: int, h: int, dst: Path | None) -> Iterator[np.ndarray]:
+        with open(src, "rb") as fin, open(dst, "wb") if dst else contextlib.nullcontext() as fout:
+            for y0 in range(0, h, tile):
+                th = min(tile, h - y0)
+                band = np.fromfile(fin, dtype=dtype, count=th * w).reshape(th, w)
+                if fout is not None:
+                    _down2(band).tofile(fout)
+                for x0 in range(0, w, tile):
+                    yield as_layout(band[:, x0 : x0 + tile])
+
+    logger.info(
+        "writing synthetic slide %s: %dx%d px, %d levels, seed %d, %.3g µm/px",
+        path,
+        width,
+        height,
+        len(dims),
+        seed,
+        mpp,
+    )
+    sinks: dict[str, _TiffSink] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-"))
+            )
+            table = None
+            if ground_truth:
+                gt_res = 1e4 / (mpp * d)
+                for key, gdt in (
+                    ("lymphocytes", np.uint32),
+                    ("nuclei", np.uint8),
+                    ("tissue", np.uint8),
+                ):
+                    written.append(gt_paths[key])
+                    sinks[key] = _TiffSink(
+                        gt_paths[key],
+                        bigtiff=gt_bigtiff,
+                        shape=gt_shape,
+                        dtype=gdt,
+                        tile=(tile // d, tile // d),
+                        photometric="minisblack",
+                        compression="zlib",
+                        resolution=(gt_res, gt_res),
+                        resolutionunit="CENTIMETER",
+                        metadata=None,
+                        software="wsi-hipe",
+                        description=f"wsi-hipe synthetic ground truth: {key}",
+                        maxworkers=1,
+                    )
+                written.append(gt_paths["cells"])
+                fcsv = stack.enter_context(open(gt_paths["cells"], "w", newline=""))
+                table = csv.writer(fcsv, lineterminator="\n")
+                table.writerow(["id", "x", "y", "cls", "area_px"])
+            written.append(path)
+            tif = stack.enter_context(tifffile.TiffWriter(path, bigtiff=bigtiff))
+            band_path = tmp / "level1.raw" if len(dims) > 1 else None
+            with open(band_path, "wb") if band_path else contextlib.nullcontext() as band_file:
+                tif.write(
+                    level0_tiles(sinks, band_file, table),
+                    shape=(height, width, 3) if channels == 3 else (height, width),
+                    resolution=(res0, res0),
+                    description=(
+                        f"wsi-hipe synthetic Hoechst slide; seed={seed}; mpp={mpp}; "
+                        f"layout={layout}; artefacts={bool(artefacts)}"
+                    ),
+                    **common,
+                )
+            for sink in sinks.values():
+                sink.close()
+            for k in range(1, len(dims)):
+                w, h = dims[k]
+                src = tmp / f"level{k}.raw"
+                dst = tmp / f"level{k + 1}.raw" if k + 1 < len(dims) else None
+                res = res0 * w / width
+                tif.write(
+                    level_tiles(src, w, h, dst),
+                    shape=(h, w, 3) if channels == 3 else (h, w),
+                    resolution=(res, res),
+                    subfiletype=1,
+                    **common,
+                )
+                src.unlink()
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        for p in written:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise
+
+    if ground_truth:
+        meta = {
+            "format": "wsi-hipe synthetic slide ground truth",
+            "version": 1,
+            "slide": path.name,
+            "size": [width, height],
+            "mpp": mpp,
+            "seed": seed,
+            "layout": layout,
+            "artefacts": bool(artefacts),
+            "tile_size": tile,
+            "level_dimensions": [list(x) for x in dims],
+            "gt_downsample": d,
+            "gt_mpp": mpp * d,
+            "gt_size": [gt_shape[1], gt_shape[0]],
+            "gt_sampling": "ground-truth pixel (r, c) = level-0 pixel (r*d + d//2, c*d + d//2)",
+            "files": {key: p.name for key, p in gt_paths.items() if key != "meta"},
+            "values": {
+                "lymphocytes": "uint32 instance ids (0 = none), the id column of the cell table",
+                "nuclei": "uint8, 1 = any nucleus (lymphocyte, tumour, stromal), 0 = not",
+                "tissue": "uint8, 1 = tissue, 0 = background",
+            },
+            "cells": (
+                "id, x, y (level-0 px; pixel i has its centre at i), cls (lymphocyte | tumour "
+                "| stromal), area_px (level-0 px of the whole nucleus); one row per cell "
+                "centred inside the slide"
+            ),
+            "n_cells": n_cells,
+        }
+        gt_paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+    logger.info("wrote %s (%s)", path, ", ".join(f"{v} {k}" for k, v in n_cells.items()))
+    return SyntheticSlide(
+        path=path,
+        ground_truth=gt_paths,
+        n_cells=n_cells,
+        mpp=mpp,
+        size=(width, height),
+        seed=seed,
+        layout=layout,
+        level_dimensions=tuple(dims),
+        gt_downsample=d,
+    )
