@@ -1,0 +1,540 @@
+"""The ``wsi-hipe`` command line: run, batch, demo, synth, view.
+
+This is the only module that configures logging (console and ``OUT.ome.zarr/wsi_hipe/run.log``)
+and draws progress bars; everything it does goes through :mod:`wsi_hipe.pipeline`.
+
+Exit codes: 0 success; 1 an error (bad slide, configuration, output); 2 a usage error (typer);
+3 finished, but some tiles or slides failed (rerun to retry them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["app", "main", "DEMO_OVERRIDES"]
+
+logger = logging.getLogger("wsi_hipe.cli")
+
+EXIT_ERROR = 1
+EXIT_PARTIAL = 3
+
+#: The demo's settings (measured to finish well under 5 minutes on a 2-core CPU; see
+#: BENCHMARKS.md "Pipeline"): 256 px tiles, a coarse start grid and two HiPe depths.
+DEMO_OVERRIDES: dict[str, Any] = {
+    "tiling.tile_size": 256,
+    "tiling.halo": 32,
+    "score.floor": 5.0,
+    "hipe.start_grid": 4,
+    "hipe.max_depth": 2,
+    "hipe.min_cell_size": 8,
+    "hipe.batch_size": 16,
+}
+DEMO_SIZE = (2048, 1536)
+
+app = typer.Typer(
+    name="wsi-hipe",
+    help="Hierarchical Perturbation saliency for U-Net segmentation of whole-slide images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# --- logging --------------------------------------------------------------------------------
+
+
+class _DeferredFileHandler(logging.Handler):
+    """Log into ``path`` once its folder exists (the output is created mid-run); buffer before."""
+
+    def __init__(self, path: Path, level: int = logging.DEBUG) -> None:
+        super().__init__(level)
+        self.path = Path(path)
+        self._buffer: list[str] = []
+        self._stream: Any = None
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if self._stream is None and self.path.parent.is_dir():
+            self._stream = open(self.path, "a", encoding="utf-8")
+            for buffered in self._buffer:
+                self._stream.write(buffered + "\n")
+            self._buffer = []
+        if self._stream is None:
+            if len(self._buffer) < 10_000:
+                self._buffer.append(line)
+            return
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        super().close()
+
+
+_STATE: dict[str, Any] = {"level": logging.INFO, "console": None}
+
+
+def _console():
+    from rich.console import Console
+
+    if _STATE["console"] is None:
+        _STATE["console"] = Console(stderr=True)
+    return _STATE["console"]
+
+
+def _setup_logging(level: int) -> None:
+    from rich.logging import RichHandler
+
+    root = logging.getLogger("wsi_hipe")
+    root.setLevel(logging.DEBUG)
+    for handler in list(root.handlers):
+        if getattr(handler, "_wsi_hipe_console", False):
+            root.removeHandler(handler)
+    handler = RichHandler(console=_console(), show_path=False, rich_tracebacks=False)
+    handler.setLevel(level)
+    handler._wsi_hipe_console = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    _STATE["level"] = level
+
+
+@contextmanager
+def _run_log(output: Path):
+    """Also log (DEBUG and up) into ``output/wsi_hipe/run.log`` for the duration."""
+    handler = _DeferredFileHandler(Path(output) / "wsi_hipe" / "run.log")
+    root = logging.getLogger("wsi_hipe")
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    _console().print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _errors():
+    """Turn the project's errors into a one-line message and exit code 1 (no traceback)."""
+    from wsi_hipe.errors import WsiHipeError
+
+    try:
+        yield
+    except WsiHipeError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; rerun the same command to resume", 130) from None
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log output (-v, -vv).")
+    ] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    """Explain U-Net segmentations of whole-slide Hoechst images with HiPe."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    _setup_logging(level)
+
+
+# --- progress -------------------------------------------------------------------------------
+
+
+def _progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=_console(),
+        transient=False,
+        disable=_STATE["level"] > logging.INFO or not _console().is_terminal,
+    )
+
+
+# --- options --------------------------------------------------------------------------------
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML configuration (configs/*.yaml).")
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="'bundled', a .safetensors checkpoint or TorchScript."),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (model.device).")
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="sync, threads, processes, local:N (LocalCluster) or tcp://host:port.",
+    ),
+]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", "-w", min=1, help="Workers.")]
+MppOpt = Annotated[
+    float | None,
+    typer.Option("--mpp", help="µm per level-0 px of the slide (overrides its metadata)."),
+]
+TargetMppOpt = Annotated[
+    float | None, typer.Option("--target-mpp", help="Target µm/px (tiling.mpp).")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output instead of resuming.")
+]
+NgffOpt = Annotated[str | None, typer.Option("--ngff", help="OME-NGFF version: 0.4 or 0.5.")]
+TileOpt = Annotated[
+    int | None, typer.Option("--tile-size", help="Tile core, target px (multiple of 16).")
+]
+DepthOpt = Annotated[int | None, typer.Option("--max-depth", help="HiPe depths (hipe.max_depth).")]
+FloorOpt = Annotated[
+    float | None, typer.Option("--floor", help="Score floor below which HiPe is skipped.")
+]
+
+
+def _overrides(**values: Any) -> dict[str, Any]:
+    keys = {
+        "model": "model.path",
+        "device": "model.device",
+        "scheduler": "schedule.scheduler",
+        "workers": "schedule.workers",
+        "mpp": "slide.mpp",
+        "target_mpp": "tiling.mpp",
+        "ngff": "output.ngff",
+        "tile_size": "tiling.tile_size",
+        "max_depth": "hipe.max_depth",
+        "floor": "score.floor",
+    }
+    return {keys[k]: v for k, v in values.items() if v is not None}
+
+
+def _load_config(config: Path | None, overrides: dict[str, Any]):
+    from wsi_hipe.config import load_config
+
+    with _errors():
+        return load_config(config, overrides)
+
+
+def _print_result(result: Any) -> None:
+    from rich.table import Table
+
+    counts = result.counts
+    table = Table(title=f"{Path(result.slide).name} → {result.output}", show_header=True)
+    for column in ("tiles", "done", "skipped", "failed", "computed now", "passes", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(result.tiles_total),
+        str(counts.get("done", 0)),
+        str(counts.get("skipped", 0)),
+        str(counts.get("failed", 0)),
+        str(result.computed),
+        str(result.forward_passes),
+        f"{result.seconds:.1f}",
+    )
+    _console().print(table)
+    for record in result.failed[:20]:
+        _console().print(
+            f"[red]failed tile {record['index']} (y={record['y']}, x={record['x']}):[/] "
+            f"{record['error']}",
+            highlight=False,
+        )
+    if len(result.failed) > 20:
+        _console().print(f"[red]... and {len(result.failed) - 20} more failed tiles[/]")
+
+
+def _run_slide(slide, output: Path, cfg, *, overwrite: bool, label: str = "tiles"):
+    from wsi_hipe.pipeline import explain_slide
+
+    with _progress() as bars, _run_log(output):
+        task = bars.add_task(label, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bars.update(task, completed=done, total=total)
+
+        logger.info("wsi-hipe run %s -o %s (config %s)", slide, output, cfg.fingerprint()[:12])
+        result = explain_slide(slide, output, config=cfg, overwrite=overwrite, progress=progress)
+    return result
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    slide: Annotated[Path, typer.Argument(help="The slide file (or DICOM folder).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output OUT.ome.zarr folder.")],
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    mpp: MppOpt = None,
+    target_mpp: TargetMppOpt = None,
+    overwrite: OverwriteOpt = False,
+    ngff: NgffOpt = None,
+    tile_size: TileOpt = None,
+    max_depth: DepthOpt = None,
+    floor: FloorOpt = None,
+) -> None:
+    """Explain one slide into an OME-Zarr (resumes an interrupted run of the same command)."""
+    cfg = _load_config(
+        config,
+        _overrides(
+            model=model,
+            device=device,
+            scheduler=scheduler,
+            workers=workers,
+            mpp=mpp,
+            target_mpp=target_mpp,
+            ngff=ngff,
+            tile_size=tile_size,
+            max_depth=max_depth,
+            floor=floor,
+        ),
+    )
+    with _errors():
+        result = _run_slide(slide, output, cfg, overwrite=overwrite)
+    _print_result(result)
+    typer.echo(str(result.output))
+    if not result.ok:
+        raise _fail(
+            f"{len(result.failed)} tile(s) could not be read; the output is written without "
+            "them. Rerun the same command to retry them.",
+            EXIT_PARTIAL,
+        )
+
+
+@app.command()
+def batch(
+    inputs: Annotated[
+        str, typer.Argument(help="A folder of slides, a glob ('slides/*.svs') or a CSV manifest.")
+    ],
+    outdir: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")],
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    target_mpp: TargetMppOpt = None,
+    overwrite: OverwriteOpt = False,
+    ngff: NgffOpt = None,
+    tile_size: TileOpt = None,
+    max_depth: DepthOpt = None,
+    floor: FloorOpt = None,
+    skip_errors: Annotated[
+        bool,
+        typer.Option("--skip-errors", help="Go on past slides that fail (default: stop)."),
+    ] = False,
+) -> None:
+    """Explain many slides, one OUTDIR/<slide>.ome.zarr each, with a summary table."""
+    from rich.table import Table
+
+    from wsi_hipe.pipeline import explain_batch, resolve_batch_inputs
+
+    cfg = _load_config(
+        config,
+        _overrides(
+            model=model,
+            device=device,
+            scheduler=scheduler,
+            workers=workers,
+            target_mpp=target_mpp,
+            ngff=ngff,
+            tile_size=tile_size,
+            max_depth=max_depth,
+            floor=floor,
+        ),
+    )
+    with _errors():
+        n_slides = len(resolve_batch_inputs(inputs))
+    outdir.mkdir(parents=True, exist_ok=True)
+    handler = _DeferredFileHandler(outdir / "wsi-hipe-batch.log")
+    logging.getLogger("wsi_hipe").addHandler(handler)
+    try:
+        with _errors(), _progress() as bars:
+            slides_task = bars.add_task("slides", total=n_slides)
+            tiles_task = bars.add_task("tiles", total=None)
+
+            def progress(name: str, done: int, total: int) -> None:
+                bars.update(tiles_task, description=f"tiles {name}", completed=done, total=total)
+
+            def on_slide(status, done: int, total: int) -> None:
+                bars.update(slides_task, completed=done)
+                log = logger.info if status.status == "done" else logger.error
+                log(
+                    "%s: %s%s",
+                    status.slide,
+                    status.status,
+                    f" ({status.error})" if status.error else "",
+                )
+
+            statuses = explain_batch(
+                inputs,
+                outdir,
+                config=cfg,
+                overwrite=overwrite,
+                skip_errors=skip_errors,
+                progress=progress,
+                on_slide=on_slide,
+            )
+    finally:
+        logging.getLogger("wsi_hipe").removeHandler(handler)
+        handler.close()
+    table = Table(title=f"wsi-hipe batch → {outdir}")
+    for column in ("slide", "status", "output", "tiles", "failed tiles", "seconds", "error"):
+        table.add_column(column, overflow="fold")
+    for s in statuses:
+        r = s.result
+        table.add_row(
+            str(s.slide),
+            s.status,
+            str(s.output) if s.status in ("done", "partial") else "",
+            str(r.tiles_total) if r else "",
+            str(len(r.failed)) if r else "",
+            f"{s.seconds:.1f}",
+            s.error or "",
+        )
+    from rich.console import Console
+
+    Console(width=200).print(table)
+    bad = [s for s in statuses if s.status in ("failed", "not run")]
+    partial = [s for s in statuses if s.status == "partial"]
+    if bad:
+        names = ", ".join(Path(s.slide).name for s in bad)
+        raise _fail(f"{len(bad)} of {len(statuses)} slide(s) failed or did not run: {names}")
+    if partial:
+        names = ", ".join(Path(s.slide).name for s in partial)
+        raise _fail(f"some tiles failed in: {names}; rerun to retry them", EXIT_PARTIAL)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo files.")] = Path(
+        "wsi-hipe-demo"
+    ),
+    model: ModelOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic slide.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite/--resume", help="Start the demo output afresh.")
+    ] = True,
+) -> None:
+    """Make a synthetic Hoechst slide and run the bundled model and HiPe on it, end to end."""
+    from wsi_hipe.config import load_config
+    from wsi_hipe.synthetic import write_slide
+    from wsi_hipe.viz import overview_png
+
+    overrides = dict(DEMO_OVERRIDES)
+    overrides.update(_overrides(model=model, scheduler=scheduler, workers=workers))
+    cfg = load_config(overrides=overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    slide_path = out / "demo_slide.tiff"
+    t0 = time.perf_counter()
+    with _errors():
+        if overwrite or not slide_path.exists():
+            logger.info("writing a %dx%d synthetic slide to %s", *DEMO_SIZE, slide_path)
+            write_slide(slide_path, size=DEMO_SIZE, seed=seed, mpp=0.5)
+        output = out / "demo.ome.zarr"
+        result = _run_slide(slide_path, output, cfg, overwrite=overwrite)
+        png = overview_png(output, out / "overview.png", slide=slide_path)
+    _print_result(result)
+    console = _console()
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s", highlight=False)
+    console.print(f"  slide:    {slide_path}", highlight=False)
+    console.print(f"  output:   {output}", highlight=False)
+    console.print(f"  overview: {png}", highlight=False)
+    console.print(f"  view it:  wsi-hipe view {output}", highlight=False)
+    typer.echo(str(output))
+    typer.echo(str(png))
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise typer.BadParameter(f"size must be WIDTHxHEIGHT or one number (px), got {text!r}")
+    return values[0], values[1]
+
+
+@app.command()
+def synth(
+    output: Annotated[Path, typer.Argument(help="The slide to write (.tiff).")],
+    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT in px, or one number.")] = "2048x1536",
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same slide.")] = 0,
+    mpp: Annotated[float, typer.Option(help="µm per px.")] = 0.5,
+    layout: Annotated[str, typer.Option(help="gray (one channel) or rgb (Hoechst in blue).")] = (
+        "gray"
+    ),
+    artefacts: Annotated[
+        bool, typer.Option("--artefacts/--no-artefacts", help="Blur, debris, folds.")
+    ] = True,
+) -> None:
+    """Write a synthetic Hoechst slide (tiled pyramidal TIFF) with its ground truth."""
+    from wsi_hipe.synthetic import write_slide
+
+    if layout not in ("gray", "rgb"):
+        raise typer.BadParameter(f"layout must be 'gray' or 'rgb', got {layout!r}")
+    width, height = _parse_size(size)
+    with _errors():
+        written = write_slide(
+            output, size=(width, height), seed=seed, mpp=mpp, layout=layout, artefacts=artefacts
+        )
+    logger.info("wrote %s", written)
+    typer.echo(str(output))
+
+
+@app.command()
+def view(
+    path: Annotated[Path | None, typer.Argument(help="An OUT.ome.zarr or a slide.")] = None,
+) -> None:
+    """Open napari with an output (or a slide) and the explain widget."""
+    try:
+        from wsi_hipe.napari import view as napari_view
+    except ImportError as exc:  # napari is an optional dependency
+        raise _fail(f"napari is not installed ({exc}); pip install 'wsi-hipe[napari]'") from None
+    with _errors():
+        napari_view(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``wsi-hipe``)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="wsi-hipe")
+
+
+if __name__ == "__main__":
+    main()
