@@ -46,11 +46,6 @@ class TissueMask:
     threshold: float = math.nan
 
 
-def _disk(radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return (xx * xx + yy * yy) <= radius * radius
-
-
 def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
     """Drop 8-connected components of ``mask`` smaller than ``min_px`` pixels."""
     from scipy import ndimage
@@ -149,6 +144,15 @@ def detect_tissue(
 
     px_um = float(mpp) * float(downsample)
     image = np.where(np.isfinite(image), image, 0.0)
+    full_shape = image.shape
+    # Work at a resolution matched to the smoothing (px ~ sigma / 4): a fine thumbnail is
+    # block-averaged first, and the mask is expanded back at the end.
+    factor = max(1, int(smooth_um / px_um / 4)) if smooth_um > 0 else 1
+    if factor > 1:
+        h, w = image.shape
+        padded = np.pad(image, ((0, -h % factor), (0, -w % factor)), mode="edge")
+        image = padded.reshape(padded.shape[0] // factor, factor, -1, factor).mean(axis=(1, 3))
+        px_um *= factor
     sigma_px = smooth_um / px_um
     smoothed = (
         ndimage.gaussian_filter(image, sigma_px, mode="nearest") if sigma_px >= 0.3 else image
@@ -157,7 +161,7 @@ def detect_tissue(
     if isinstance(threshold, str):
         if float(smoothed.max() - smoothed.min()) <= 1e-12 * max(1.0, float(abs(smoothed).max())):
             logger.info("tissue: thumbnail has no contrast; no tissue found")
-            empty = np.zeros(image.shape, dtype=bool)
+            empty = np.zeros(full_shape, dtype=bool)
             return TissueMask(empty, float(downsample), 0.0, float(smoothed.max()))
         from skimage import filters
 
@@ -166,15 +170,19 @@ def detect_tissue(
         value = float(threshold)
     mask = smoothed > value
 
-    radius = int(round(closing_um / px_um))
+    radius = closing_um / px_um
     if radius >= 1 and mask.any():
-        pad = radius + 1
-        padded = np.pad(mask, pad, mode="edge")
-        mask = ndimage.binary_closing(padded, structure=_disk(radius))[pad:-pad, pad:-pad]
+        # Closing with a Euclidean disk via distance transforms (cost independent of radius);
+        # the image border does not erode.
+        dilated = ndimage.distance_transform_edt(~mask) <= radius
+        mask = ndimage.distance_transform_edt(dilated) > radius
     area_px_um2 = px_um * px_um
     mask = _fill_small_holes(mask, max_hole_um2 / area_px_um2)
     min_px = min(min_area_um2 / area_px_um2, 0.25 * mask.size)
     mask = _remove_small(mask, min_px)
+    if factor > 1:
+        mask = np.repeat(np.repeat(mask, factor, axis=0), factor, axis=1)
+        mask = mask[: full_shape[0], : full_shape[1]]
 
     fraction = float(mask.mean())
     logger.debug(
