@@ -115,7 +115,7 @@ def _slide_params(seed: int) -> _SlideParams:
         vignetting=lerp(14, 0.0, 0.12),
         debris_rate=lerp(15, 0.02, 0.1),
         fold_rate=lerp(16, 0.15, 0.5),
-        oof_threshold=lerp(17, 0.66, 0.74),
+        oof_threshold=lerp(17, 0.68, 0.76),
     )
 
 
@@ -391,7 +391,7 @@ class _Cells:
 
 
 # per class: (texture amplitude, dome, largest reach in µm)
-_CLASS_LOOK = {1: (0.12, 0.15, 5.0), 2: (0.5, 0.05, 9.4), 3: (0.22, 0.1, 11.1)}
+_CLASS_LOOK = {1: (0.12, 0.15, 5.0), 2: (0.45, 0.05, 9.4), 3: (0.22, 0.1, 11.1)}
 
 
 def _lattice_cells(
@@ -683,7 +683,7 @@ def _texture(seed: int, x0: int, y0: int, width: int, height: int, mpp: float) -
     crop = (slice(pad, pad + height), slice(pad, pad + width))
     f = _gaussian(white, fine)[crop] * _noise_gain(fine)
     g = _gaussian(white, coarse)[crop] * _noise_gain(coarse)
-    return (0.6 * f + 0.8 * g).astype(np.float32)
+    return (0.4 * f + 0.9 * g).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=64)

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 #: Pixel layouts of the slide file: ``"gray"`` uint8 single channel (minisblack), ``"gray16"``
 #: uint16 single channel (OpenSlide returns its top 8 bits), ``"rgb"`` uint8 RGB with the stain
 #: in blue and 0 in red and green (how Hamamatsu fluorescence NDPI slides arrive via OpenSlide).
+#: OpenSlide 4.0.1 misreads the partial right-most tile column of 16-bit files (the data are
+#: correct, as tifffile shows), so for ``"gray16"`` choose a width that is a multiple of
+#: ``tile_size``.
 LAYOUTS = ("gray", "gray16", "rgb")
 
 _GT_SUFFIXES = {
@@ -271,6 +274,15 @@ def write_slide(
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name such as {path / 'slide.tiff'}")
 
+    if layout == "gray16" and width % tile:
+        logger.warning(
+            "%s: width %d is not a multiple of tile_size %d; OpenSlide misreads the last tile "
+            "column of 16-bit slides (use a width of %d)",
+            path,
+            width,
+            tile,
+            width - width % tile or tile,
+        )
     dtype = np.dtype(np.uint16 if layout == "gray16" else np.uint8)
     scale = float(np.iinfo(dtype).max)
     channels = 3 if layout == "rgb" else 1
