@@ -489,3 +489,21 @@ def test_several_processes_write_their_own_tiles(tmp_path):
     assert {t["pid"] for t in view.tiles} == set(pids)
     lines = (path / "wsi_hipe" / "tiles.jsonl").read_text().splitlines()
     assert len(lines) == 20 and all(json.loads(line) for line in lines)
+
+
+def test_refinalize_after_resume_rebuilds_changed_levels(tmp_path):
+    path = tmp_path / "o.ome.zarr"
+    sal, seg = _data(6)
+    store = _create(path)
+    _write_all(store, sal, seg)
+    store.finalize()
+    resumed = open_output(path, fingerprint="fp-1")
+    zeros = np.zeros((CHUNK, CHUNK))
+    resumed.write_tile(0, 0, zeros, zeros.astype(np.uint8))  # tile 0 redone: now all zero
+    resumed.finalize()
+    sal[:CHUNK, :CHUNK] = 0
+    seg[:CHUNK, :CHUNK] = 0
+    view = read_output(path)
+    np.testing.assert_allclose(view.saliency[1].compute(), downsample_mean(sal), rtol=1e-6)
+    np.testing.assert_array_equal(view.segmentation[1].compute(), downsample_mode(seg))
+    assert (view.saliency[1][: CHUNK // 2, : CHUNK // 2].compute() == 0).all()

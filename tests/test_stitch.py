@@ -179,3 +179,37 @@ def test_downsample_rejects_bad_input():
         downsample_mean(np.zeros((2, 2, 2)))
     with pytest.raises(ValueError, match="non-empty"):
         downsample_mean(np.zeros((0, 4)))
+
+
+def _mode_reference(a: np.ndarray) -> np.ndarray:
+    """Brute force: per block, the most frequent value, ties to the largest."""
+    out = np.empty(downsampled_shape(a.shape), a.dtype)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            values, counts = np.unique(a[2 * i : 2 * i + 2, 2 * j : 2 * j + 2], return_counts=True)
+            out[i, j] = values[counts == counts.max()].max()
+    return out
+
+
+def _mean_reference(a: np.ndarray) -> np.ndarray:
+    out = np.empty(downsampled_shape(a.shape))
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] = a[2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean()
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (7, 1), (9, 12), (10, 13), (11, 11)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.bool_])
+def test_downsample_mode_matches_brute_force(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    a = rng.integers(-2 if dtype == np.int16 else 0, 3, shape).astype(dtype)
+    np.testing.assert_array_equal(downsample_mode(a), _mode_reference(a))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (7, 1), (9, 12), (11, 11)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_downsample_mean_matches_brute_force(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    a = (rng.random(shape) * 100).astype(dtype)
+    np.testing.assert_allclose(downsample_mean(a), _mean_reference(a), rtol=1e-6)

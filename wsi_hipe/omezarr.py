@@ -670,8 +670,13 @@ def _downsample_level(src, dst, chunk, fn, workers: int) -> list[float]:
     def one(block: tuple[int, int]) -> tuple[float, float]:
         i, j = block
         part = np.asarray(src[2 * i : 2 * (i + ch), 2 * j : 2 * (j + cw)])
-        dst[i : i + ch, j : j + cw] = fn(part)
-        return float(part.min()), float(part.max())
+        lo, hi = part.min(), part.max()
+        if lo == hi:  # constant (e.g. background): no need to downsample
+            if lo != 0:  # a fresh level reads 0 where nothing is written
+                dst[i : i + ch, j : j + cw] = np.full(downsampled_shape(part.shape), lo, dst.dtype)
+        else:
+            dst[i : i + ch, j : j + cw] = fn(part)
+        return float(lo), float(hi)
 
     if workers == 1:
         stats = [one(b) for b in blocks]

@@ -189,22 +189,50 @@ def downsample_mean(block: np.ndarray) -> np.ndarray:
 
     Parameters
     ----------
-    block : (H, W) float ndarray
+    block : (H, W) float or integer ndarray
 
     Returns
     -------
     (ceil(H/2), ceil(W/2)) float32 ndarray
-        The sum is accumulated in float64.
+        Sums are taken in float32 for float32 input (float64 otherwise).
     """
     block = _check_2d(block, "downsample_mean")
-    height, width = block.shape
-    ph, pw = height % 2, width % 2
-    data = np.pad(block.astype(np.float64, copy=False), ((0, ph), (0, pw)))
-    count = np.pad(np.ones((height, width), np.float64), ((0, ph), (0, pw)))
-    oh, ow = data.shape[0] // 2, data.shape[1] // 2
-    total = data.reshape(oh, 2, ow, 2).sum(axis=(1, 3))
-    n = count.reshape(oh, 2, ow, 2).sum(axis=(1, 3))
-    return (total / n).astype(np.float32)
+    acc = np.float32 if block.dtype in (np.float16, np.float32) else np.float64
+    a = block.astype(acc, copy=False)
+    height, width = a.shape
+    h2, w2 = height // 2, width // 2
+    out = np.empty(downsampled_shape(a.shape), acc)
+    if h2 and w2:
+        out[:h2, :w2] = a[0 : 2 * h2 : 2, 0 : 2 * w2 : 2]
+        out[:h2, :w2] += a[1 : 2 * h2 : 2, 0 : 2 * w2 : 2]
+        out[:h2, :w2] += a[0 : 2 * h2 : 2, 1 : 2 * w2 : 2]
+        out[:h2, :w2] += a[1 : 2 * h2 : 2, 1 : 2 * w2 : 2]
+        out[:h2, :w2] *= 0.25
+    if width % 2 and h2:  # right column: 2×1 blocks
+        out[:h2, w2] = (a[0 : 2 * h2 : 2, -1] + a[1 : 2 * h2 : 2, -1]) * 0.5
+    if height % 2 and w2:  # bottom row: 1×2 blocks
+        out[h2, :w2] = (a[-1, 0 : 2 * w2 : 2] + a[-1, 1 : 2 * w2 : 2]) * 0.5
+    if height % 2 and width % 2:
+        out[h2, w2] = a[-1, -1]
+    return out.astype(np.float32, copy=False)
+
+
+def _mode4(c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np.ndarray) -> np.ndarray:
+    """Elementwise mode of four label arrays, ties to the largest label."""
+    e01, e02, e03 = c0 == c1, c0 == c2, c0 == c3
+    e12, e13, e23 = c1 == c2, c1 == c3, c2 == c3
+    votes = (
+        e01.astype(np.int8) + e02 + e03,
+        e01.astype(np.int8) + e12 + e13,
+        e02.astype(np.int8) + e12 + e23,
+        e03.astype(np.int8) + e13 + e23,
+    )
+    best, best_votes = c0.copy(), votes[0]
+    for cand, v in zip((c1, c2, c3), votes[1:], strict=True):
+        better = (v > best_votes) | ((v == best_votes) & (cand > best))
+        best = np.where(better, cand, best)
+        best_votes = np.where(better, v, best_votes)
+    return best
 
 
 def downsample_mode(block: np.ndarray) -> np.ndarray:
@@ -213,7 +241,8 @@ def downsample_mode(block: np.ndarray) -> np.ndarray:
     Ties go to the **largest** label value: a 2–2 split between background (0) and a class keeps
     the class, so thin structures (one-pixel-wide membranes, small cells) survive downsampling;
     between two classes the higher label wins (for the segmentation, nucleus = 2 over lymphocyte
-    = 1). Partial blocks at an odd bottom/right border take the mode of the pixels they have.
+    = 1). Partial blocks at an odd bottom/right border take the mode of the pixels they have
+    (for two pixels: the larger one, as they either agree or tie).
 
     Parameters
     ----------
@@ -226,18 +255,21 @@ def downsample_mode(block: np.ndarray) -> np.ndarray:
     block = _check_2d(block, "downsample_mode")
     if not (np.issubdtype(block.dtype, np.integer) or block.dtype == np.bool_):
         raise ValueError(f"downsample_mode expects integer labels, got dtype {block.dtype}")
-    height, width = block.shape
-    ph, pw = height % 2, width % 2
-    labels = np.pad(block, ((0, ph), (0, pw)))
-    valid = np.pad(np.ones((height, width), bool), ((0, ph), (0, pw)))
-    oh, ow = labels.shape[0] // 2, labels.shape[1] // 2
-    # The four candidates of each block: (4, oh, ow).
-    cand = labels.reshape(oh, 2, ow, 2).transpose(1, 3, 0, 2).reshape(4, oh, ow)
-    ok = valid.reshape(oh, 2, ow, 2).transpose(1, 3, 0, 2).reshape(4, oh, ow)
-    # votes[i] = how many valid pixels of the block equal candidate i (-1 for a missing pixel).
-    votes = ((cand[:, None] == cand[None, :]) & ok[None, :]).sum(axis=1)
-    votes = np.where(ok, votes, -1)
-    # Rank by votes first, then by label value (ties -> largest label).
-    rank = np.lexsort((cand.reshape(4, -1), votes.reshape(4, -1)), axis=0)[-1]
-    out = np.take_along_axis(cand.reshape(4, -1), rank[None, :], axis=0)[0]
-    return out.reshape(oh, ow).astype(block.dtype, copy=False)
+    a = block
+    height, width = a.shape
+    h2, w2 = height // 2, width // 2
+    out = np.empty(downsampled_shape(a.shape), a.dtype)
+    if h2 and w2:
+        out[:h2, :w2] = _mode4(
+            a[0 : 2 * h2 : 2, 0 : 2 * w2 : 2],
+            a[0 : 2 * h2 : 2, 1 : 2 * w2 : 2],
+            a[1 : 2 * h2 : 2, 0 : 2 * w2 : 2],
+            a[1 : 2 * h2 : 2, 1 : 2 * w2 : 2],
+        )
+    if width % 2 and h2:
+        out[:h2, w2] = np.maximum(a[0 : 2 * h2 : 2, -1], a[1 : 2 * h2 : 2, -1])
+    if height % 2 and w2:
+        out[h2, :w2] = np.maximum(a[-1, 0 : 2 * w2 : 2], a[-1, 1 : 2 * w2 : 2])
+    if height % 2 and width % 2:
+        out[h2, w2] = a[-1, -1]
+    return out
