@@ -135,7 +135,7 @@ def test_run_evaluation_end_to_end_tiny(tmp_path):
     from wsi_hipe.synthetic import render_tile  # noqa: F401  (skip cleanly if absent)
 
     torch.manual_seed(0)
-    net = build_unet(encoder_depth=4, decoder_channels=(16, 16, 8, 8)).eval()
+    net = build_unet(encoder_depth=3, decoder_channels=(16, 8, 8)).eval()
     from wsi_hipe import evaluation
 
     res = evaluation.run_evaluation(
@@ -155,3 +155,54 @@ def test_run_evaluation_end_to_end_tiny(tmp_path):
     assert res.summary[1]["forward_passes"] == 20
     assert res.settings["config"]["tiles"]["size"] == 32
     assert res.records[0]["clean_score"] > 0
+
+
+def test_pipeline_script_writes_tables(tmp_path, capsys):
+    """pipelines/evaluate.py with a tiny checkpoint: markdown + CSV + settings written."""
+    pytest.importorskip("wsi_hipe.synthetic")
+    import importlib.util
+
+    from wsi_hipe.models import architecture_dict, build_unet, save_checkpoint
+
+    arch = dict(
+        encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8), in_channels=1, classes=3
+    )
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(
+        build_unet(**arch).eval(),
+        tmp_path / "tiny.safetensors",
+        meta={"architecture": architecture_dict(**arch)},
+    )
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_script", REPO / "pipelines" / "evaluate.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "out"
+    rc = script.main(
+        [
+            "--model",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--set",
+            "device=cpu",
+            "--set",
+            "tiles.size=32",
+            "--set",
+            "tiles.n=1",
+            "--set",
+            "metrics.step_fraction=0.25",
+            "--set",
+            "methods=[{name: rise 8, method: rise, options: {n_masks: 8, grid: 4}}]",
+        ]
+    )
+    assert rc == 0
+    assert "| rise 8 | 8 |" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {
+        "summary.md",
+        "summary.csv",
+        "per_sample.csv",
+        "settings.json",
+    }
+    assert script.main(["--set", "tiles.nope=1", "--out", str(out)]) == 2
