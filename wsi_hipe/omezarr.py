@@ -31,6 +31,10 @@ pixel centres line up with the slide.
 
 :func:`read_output` opens a finished (or partial) output lazily: dask arrays per level, the
 coordinate transforms from the NGFF metadata, provenance and the tile table.
+
+Viewers: ome-zarr-py and napari-ome-zarr read the image and both labels. napari-ome-zarr 0.10
+applies only the first transform of dataset 0 (the scale), so it drops the sub-pixel translation;
+the wsi-hipe napari plugin places layers with :meth:`OutputView.translation`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -373,6 +378,7 @@ class OutputStore:
         self._arrays: dict[str, Any] = {}
         self._fd: int | None = None
         self._pid: int | None = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -385,7 +391,12 @@ class OutputStore:
         state["_arrays"] = {}
         state["_fd"] = None
         state["_pid"] = None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # -- paths and handles
 
@@ -539,11 +550,12 @@ class OutputStore:
             record means the tile's chunks are on disk. The last record of a tile wins.
         """
         line = json.dumps(_clean_record(record), separators=(",", ":")) + "\n"
-        if self._fd is None or self._pid != os.getpid():
-            self._fd = os.open(self.tiles_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            self._pid = os.getpid()
-        os.write(self._fd, line.encode())  # one write: atomic w.r.t. other appenders
-        os.fsync(self._fd)
+        with self._lock:
+            if self._fd is None or self._pid != os.getpid():
+                self._fd = os.open(self.tiles_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                self._pid = os.getpid()
+            os.write(self._fd, line.encode())  # one write: atomic w.r.t. other appenders
+            os.fsync(self._fd)
 
     def tile_records(self) -> dict[int, dict[str, Any]]:
         """The table as ``{index: last record}``."""
@@ -555,10 +567,11 @@ class OutputStore:
 
     def close(self) -> None:
         """Close the table's file descriptor (array handles need no closing)."""
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
-        self._arrays = {}
+        with self._lock:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
+            self._arrays = {}
 
     def __enter__(self) -> OutputStore:
         return self
