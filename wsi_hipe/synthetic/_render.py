@@ -390,8 +390,8 @@ class _Cells:
         return self.a * (1.0 + self.h2 + self.h3) + _EDGE_UM
 
 
-# per class: (texture amplitude, dome, largest reach in µm)
-_CLASS_LOOK = {1: (0.12, 0.15, 5.0), 2: (0.45, 0.05, 9.4), 3: (0.22, 0.1, 11.1)}
+# per class: (chromatin texture amplitude, central dome: how much dimmer the rim is)
+_CLASS_LOOK = {1: (0.12, 0.15), 2: (0.45, 0.05), 3: (0.22, 0.1)}
 
 
 def _lattice_cells(
@@ -514,23 +514,24 @@ def _draw_cells(
     image: np.ndarray,
     labels: np.ndarray,
     nuclei: np.ndarray,
-    texture_padded: np.ndarray,
-    pad: int,
+    texture: np.ndarray,
     region: tuple[int, int, int, int],
 ) -> list[dict]:
     """Rasterise the nuclei of one lattice into the canvas; return table rows of those centred
     in ``region`` = (x0, y0, x1, y1) level-0 px.
 
-    Every nucleus is evaluated on its own fixed-size patch of absolute pixels (vectorised over
-    nuclei), then scattered: the image keeps the brightest nucleus per pixel, the label image
-    the largest lymphocyte id.
+    Every nucleus is evaluated on its own square patch of absolute pixels (vectorised over
+    nuclei; a pixel's value depends only on its position and the nucleus, never on the patch),
+    then scattered: the image keeps the brightest nucleus per pixel, the label image the largest
+    lymphocyte id.
     """
     n = c.ident.size
     if n == 0:
         return []
     code = c.lattice.code
-    tex_amp, dome, reach_max = _CLASS_LOOK[code]
-    rpx = math.ceil(reach_max / mpp)
+    tex_amp, dome = _CLASS_LOOK[code]
+    reach = c.reach_um
+    rpx = math.ceil(float(reach.max()) / mpp)
     size = 2 * rpx + 2
     ox, oy = origin
     hgt, wid = image.shape
@@ -544,22 +545,31 @@ def _draw_cells(
         return np.asarray(v, dtype=np.float32)[:, None, None]
 
     ct, st = col(np.cos(c.theta)), col(np.sin(c.theta))
-    a, b = col(c.a), col(c.b)
-    un = (xs * ct + ys * st) / a
-    vn = (ys * ct - xs * st) / b
+    un = (xs * ct + ys * st) * col(1.0 / c.a)
+    vn = (ys * ct - xs * st) * col(1.0 / c.b)
     rho = np.sqrt(un * un + vn * vn)
+    # Everything else only where a nucleus can be: rho below its largest boundary radius.
+    cand = rho < col(1.0 + c.h2 + c.h3)
+    k, r, q = np.nonzero(cand)
+    un, vn, rho = un[cand], vn[cand], rho[cand]
     inv = 1.0 / np.maximum(rho, np.float32(1e-6))
     c1 = un * inv
     s1 = vn * inv
-    cos2, sin2 = c1 * c1 - s1 * s1, 2.0 * c1 * s1
-    cos3, sin3 = c1 * (4.0 * c1 * c1 - 3.0), s1 * (3.0 - 4.0 * s1 * s1)
+
+    def per(v) -> np.ndarray:
+        return np.asarray(v, dtype=np.float32)[k]
+
     boundary = (
         1.0
-        + col(c.h2) * (cos2 * col(np.cos(c.p2)) - sin2 * col(np.sin(c.p2)))
-        + col(c.h3) * (cos3 * col(np.cos(c.p3)) - sin3 * col(np.sin(c.p3)))
+        + per(c.h2) * ((c1 * c1 - s1 * s1) * per(np.cos(c.p2)) - 2.0 * c1 * s1 * per(np.sin(c.p2)))
+        + per(c.h3)
+        * (
+            c1 * (4.0 * c1 * c1 - 3.0) * per(np.cos(c.p3))
+            - s1 * (3.0 - 4.0 * s1 * s1) * per(np.sin(c.p3))
+        )
     )
     inside = rho < boundary
-    area = np.count_nonzero(inside, axis=(1, 2))
+    area = np.bincount(k[inside], minlength=n)
 
     # table rows: cells whose centre pixel lies in the region (pixel i has its centre at i)
     rx0, ry0, rx1, ry1 = region
@@ -569,25 +579,23 @@ def _draw_cells(
     cls = CELL_CLASSES[code]
     rows = [
         {
-            "id": int(c.ident[k]),
-            "x": float(c.cx[k] / mpp - 0.5),
-            "y": float(c.cy[k] / mpp - 0.5),
+            "id": int(c.ident[j]),
+            "x": float(c.cx[j] / mpp - 0.5),
+            "y": float(c.cy[j] / mpp - 0.5),
             "cls": cls,
-            "area_px": int(area[k]),
+            "area_px": int(area[j]),
         }
-        for k in mine.tolist()
+        for j in mine.tolist()
     ]
 
-    gx = px0[:, None] + ar - ox  # canvas columns (N, size)
-    gy = py0[:, None] + ar - oy
-    valid = inside & ((gy >= 0) & (gy < hgt))[:, :, None] & ((gx >= 0) & (gx < wid))[:, None, :]
-    tex = texture_padded[
-        np.clip(gy + pad, 0, texture_padded.shape[0] - 1)[:, :, None],
-        np.clip(gx + pad, 0, texture_padded.shape[1] - 1)[:, None, :],
-    ]
-    prof = np.clip((boundary - rho) * (b / _EDGE_UM), 0.0, 1.0)
+    gx = px0[k] + q - ox  # canvas column and row of each candidate pixel
+    gy = py0[k] + r - oy
+    valid = inside & (gx >= 0) & (gx < wid) & (gy >= 0) & (gy < hgt)
+    k, gx, gy = k[valid], gx[valid], gy[valid]
+    un, vn, rho, boundary = un[valid], vn[valid], rho[valid], boundary[valid]
+    prof = np.clip((boundary - rho) * (per(c.b) / _EDGE_UM), 0.0, 1.0)
     prof *= 1.0 - dome * np.minimum(rho, 1.0) ** 2
-    prof *= 1.0 + tex_amp * tex
+    prof *= 1.0 + tex_amp * texture[gy, gx]
     if code == 2:  # one or two nucleoli: darker spots in the inner half of tumour nuclei
         e = c.extra
         for m in range(2):
@@ -595,16 +603,15 @@ def _draw_cells(
             ang = 2.0 * np.pi * e[:, 3 * m]
             rr = 0.45 * np.sqrt(e[:, 3 * m + 1])
             rad = (0.6 + 0.5 * e[:, 3 * m + 2]) / c.b
-            d2 = (un - col(rr * np.cos(ang) * c.b / c.a)) ** 2 + (vn - col(rr * np.sin(ang))) ** 2
-            prof *= 1.0 - col(0.55 * on) * np.exp(-d2 / col(2.0 * rad * rad))
-    prof *= col(c.bright)
+            d2 = (un - per(rr * np.cos(ang) * c.b / c.a)) ** 2 + (vn - per(rr * np.sin(ang))) ** 2
+            prof *= 1.0 - per(0.55 * on) * np.exp(-d2 / per(2.0 * rad * rad))
+    prof *= per(c.bright)
 
-    flat = (gy[:, :, None] * wid + gx[:, None, :])[valid]
-    np.maximum.at(image.reshape(-1), flat, prof[valid].astype(np.float32))
+    flat = gy * wid + gx
+    np.maximum.at(image.reshape(-1), flat, prof.astype(np.float32))
     nuclei.reshape(-1)[flat] = True
     if code == 1:
-        ids = np.broadcast_to(c.ident.astype(np.int32)[:, None, None], valid.shape)[valid]
-        np.maximum.at(labels.reshape(-1), flat, ids)
+        np.maximum.at(labels.reshape(-1), flat, c.ident.astype(np.int32)[k])
     return rows
 
 
@@ -781,8 +788,6 @@ def render_region(
     image = np.zeros((ch, cw), dtype=np.float32)
     labels = np.zeros((ch, cw), dtype=np.int32)
     nuclei = np.zeros((ch, cw), dtype=bool)
-    pad = 2 * math.ceil(max(v[2] for v in _CLASS_LOOK.values()) / mpp) + 2
-    texture_padded = np.pad(texture, pad)
     rows: list[dict] = []
     for lat in _LATTICES:
         cells = _lattice_cells(seed, p, lat, grid, cell_box, canvas_um)
@@ -793,8 +798,7 @@ def render_region(
             image=image,
             labels=labels,
             nuclei=nuclei,
-            texture_padded=texture_padded,
-            pad=pad,
+            texture=texture,
             region=(x, y, x + width, y + height),
         )
     rows.sort(key=lambda r: r["id"])
