@@ -1,0 +1,113 @@
+"""Forward-pass speed of the bundled U-Net (and candidate sizes) on this machine.
+
+HiPe calls the model hundreds of times per tile, so the cost of one 256² forward pass is the
+floor of the whole pipeline. This script measures, in one run:
+
+1. The bundled model as ``load_model()`` returns it (batch norm folded into the convolutions)
+   and unfolded, for each thread count: one 256² tile per call, and a batch of 32 (time per
+   tile).
+2. Candidate architectures (random weights, same code path) for the record of why this size
+   was chosen: smp U-Net with a ResNet-18 encoder at several depths / decoder widths.
+
+Medians of ``--repeats`` timed calls after warm-up. Absolute times depend on the machine and
+its load (the dev machines share 2 cores between several people): compare rows of one run.
+
+Usage::
+
+    python benchmarks/bench_model.py [--threads 1 2] [--repeats 20] [--batch 32] [--no-candidates]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from wsi_hipe.models import (
+    ModelMeta,
+    SegmentationModel,
+    build_unet,
+    count_parameters,
+    fold_batchnorm,
+    load_model,
+)
+
+CANDIDATES = [
+    (4, (128, 64, 32, 16)),
+    (4, (64, 32, 16, 8)),
+    (3, (64, 32, 16)),
+    (3, (32, 16, 8)),
+    (2, (32, 16)),
+]
+
+
+def time_calls(model, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
+    """Median seconds of one call ``model(x)``."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def row(name: str, params: int, single: float, batched: float, batch: int) -> str:
+    return f"| {name} | {params / 1e6:.2f} M | {single * 1e3:.1f} | {batched * 1e3 / batch:.1f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--no-candidates", action="store_true")
+    args = parser.parse_args()
+
+    one = torch.rand(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    many = torch.rand(
+        args.batch, 1, args.size, args.size, generator=torch.Generator().manual_seed(1)
+    )
+    bundled = load_model(device="cpu")
+    unfolded = load_model(device="cpu", fuse_batchnorm=False)
+    arch = bundled.meta.architecture
+    print(f"bundled model: {arch}, sha256 {bundled.sha256[:12]}..., torch {torch.__version__}")
+    header = (
+        f"| model | params | ms per {args.size}² call (batch 1) | ms per tile in a batch of "
+        f"{args.batch} |\n|---|---|---|---|"
+    )
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n### {threads} thread(s)\n")
+        print(header)
+        params = count_parameters(bundled)
+        for name, model in (
+            ("bundled (BN folded, default)", bundled),
+            ("bundled (BN unfolded)", unfolded),
+        ):
+            single = time_calls(model, one, args.repeats)
+            batched = time_calls(model, many, max(3, args.repeats // 5))
+            print(row(name, params, single, batched, args.batch), flush=True)
+        if args.no_candidates:
+            continue
+        for depth, decoder in CANDIDATES:
+            network = build_unet(encoder="resnet18", encoder_depth=depth, decoder_channels=decoder)
+            params = count_parameters(network)
+            fold_batchnorm(network)
+            model = SegmentationModel(network, ModelMeta(), device="cpu")
+            single = time_calls(model, one, args.repeats)
+            batched = time_calls(model, many, max(3, args.repeats // 5))
+            name = f"resnet18 depth {depth}, decoder {list(decoder)}"
+            print(row(name, params, single, batched, args.batch), flush=True)
+
+
+if __name__ == "__main__":
+    main()
