@@ -79,10 +79,11 @@ def _chunk_files(array_dir: Path) -> list[Path]:
     return sorted(p for p in array_dir.rglob("*") if p.is_file() and p.name not in meta)
 
 
-@pytest.fixture(params=["0.4", "0.5"])
-def finished(request, tmp_path):
+@pytest.fixture(scope="module", params=["0.4", "0.5"])
+def finished(request, tmp_path_factory):
+    """A finalized output, shared read-only by the tests of one NGFF version."""
     sal, seg = _data()
-    path = tmp_path / "out.ome.zarr"
+    path = tmp_path_factory.mktemp(f"ngff{request.param}") / "out.ome.zarr"
     store = _create(path, ngff=request.param)
     _write_all(store, sal, seg)
     store.write_tissue(np.ones((5, 7), bool))
