@@ -319,3 +319,29 @@ def test_randomising_an_unused_layer_keeps_the_map():
 def test_spearman_constant_map_is_nan():
     assert math.isnan(metrics.spearman(np.ones((3, 3)), np.arange(9).reshape(3, 3)))
     assert metrics.spearman(np.arange(9), np.arange(9) ** 2) == pytest.approx(1.0)
+
+
+# --- real fluorescence nuclei (../shared/data) -----------------------------------------------
+
+
+@pytest.mark.shared_data
+def test_intensity_map_on_real_nuclei(nuclei_dir):
+    """On a real fluorescence image, brightness points at nuclei; a uniform map does not."""
+    tifffile = pytest.importorskip("tifffile")
+    img = tifffile.imread(nuclei_dir / "stardist" / "tests_img2d.tif").astype(np.float64)
+    gt = tifffile.imread(nuclei_dir / "stardist" / "tests_mask2d.tif")
+    area = float(np.mean(gt > 0))
+    # A uniform map puts exactly the GT's area fraction inside the GT.
+    assert relevance_mass(np.ones_like(img), gt) == pytest.approx(area)
+    assert relevance_mass(img, gt) > 3 * area
+    assert pointing_game(img, gt).hit
+    assert not pointing_game(-img, gt).hit  # the darkest pixel is background
+    # A detector of bright pixels: brightness order beats its reverse on both curves.
+    x = torch.from_numpy(img / img.max()).float()[None]
+
+    def bright(batch):
+        return torch.relu(batch - 0.3).sum(dim=(1, 2, 3))
+
+    ins, dele = insertion_deletion(bright, x, img, step_fraction=0.05)
+    ins_r, dele_r = insertion_deletion(bright, x, -img, step_fraction=0.05)
+    assert ins.auc > ins_r.auc and dele.auc < dele_r.auc
