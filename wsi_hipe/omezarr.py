@@ -596,7 +596,6 @@ class OutputStore:
         memory per thread); level 0 is only read. Run it once, from one process, after every
         tile is written; it may be run again after a resume (levels are rebuilt).
         """
-
         shapes = pyramid_shapes(self.shape, self.chunk, levels)
         if workers is None:
             workers = min(4, os.cpu_count() or 1)
