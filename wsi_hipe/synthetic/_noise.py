@@ -94,12 +94,17 @@ def smoothstep(t: np.ndarray) -> np.ndarray:
 def value_noise(seed: int, key: int, x_um, y_um, scale_um: float) -> np.ndarray:
     """Smooth value noise in ``[0, 1]`` at absolute positions (µm).
 
-    Random values sit on a square lattice of spacing ``scale_um`` (hashed from the node index);
-    between nodes they are blended with a smoothstep. ``x_um`` and ``y_um`` broadcast against
-    each other. Only the lattice nodes in the bounding box of the positions are hashed.
+    Random values sit on a square lattice of spacing ``scale_um`` (hashed from the node index),
+    turned by an angle drawn from ``(seed, key)`` so that thresholded shapes show no preferred
+    axis; between nodes they are blended with a smoothstep. ``x_um`` and ``y_um`` broadcast
+    against each other. Only the lattice nodes in the bounding box of the positions are hashed.
     """
-    gx = np.asarray(x_um, dtype=np.float64) / scale_um
-    gy = np.asarray(y_um, dtype=np.float64) / scale_um
+    angle = 2.0 * np.pi * float(uniform(seed, key, -1))
+    ca, sa = np.cos(angle) / scale_um, np.sin(angle) / scale_um
+    x_um = np.asarray(x_um, dtype=np.float64)
+    y_um = np.asarray(y_um, dtype=np.float64)
+    gx = x_um * ca - y_um * sa
+    gy = x_um * sa + y_um * ca
     fx = np.floor(gx)
     fy = np.floor(gy)
     sx = smoothstep(gx - fx)

@@ -115,7 +115,7 @@ def _slide_params(seed: int) -> _SlideParams:
         vignetting=lerp(14, 0.0, 0.12),
         debris_rate=lerp(15, 0.02, 0.1),
         fold_rate=lerp(16, 0.15, 0.5),
-        oof_threshold=lerp(17, 0.68, 0.76),
+        oof_threshold=lerp(17, 0.71, 0.79),
     )
 
 
@@ -845,9 +845,9 @@ def render_tile(
 ) -> SyntheticRegion:
     """A random training tile: a random window of a random virtual slide.
 
-    The slide seed and the location are drawn from ``seed``: about half of the tiles are
-    centred on lymphocyte-rich tissue, a third on other tissue, the rest anywhere (often
-    background or tissue borders). Deterministic in ``(seed, size, mpp, artefacts)``.
+    The slide seed and the location are drawn from ``seed``: half of the tiles are centred on
+    lymphocyte-rich tissue, 30 % on any tissue, 12 % on a tissue border and 8 % on background.
+    Deterministic in ``(seed, size, mpp, artefacts)``.
 
     Parameters
     ----------
@@ -876,13 +876,15 @@ def render_tile(
     cand_x = rng.uniform(0.0, span_um, n_try)
     cand_y = rng.uniform(0.0, span_um, n_try)
     mode = rng.random()
-    in_tissue = _tissue_raw(slide_seed, cand_x, cand_y, None) > p.tissue_threshold
-    if mode < 0.5:
-        pick = int(np.argmax(_cluster(slide_seed, p, cand_x, cand_y) + in_tissue))
-    elif mode < 0.83:
-        pick = int(np.argmax(in_tissue))
-    else:
-        pick = 0
+    tissue = _tissue_raw(slide_seed, cand_x, cand_y, None) - p.tissue_threshold
+    if mode < 0.5:  # lymphocyte-rich tissue
+        pick = int(np.argmax(_cluster(slide_seed, p, cand_x, cand_y) + (tissue > 0)))
+    elif mode < 0.8:  # any tissue
+        pick = int(np.argmax(tissue > 0))
+    elif mode < 0.92:  # a tissue border
+        pick = int(np.argmin(np.abs(tissue)))
+    else:  # background (with the odd bit of debris)
+        pick = int(np.argmin(tissue))
     cx = int(cand_x[pick] / mpp) - size // 2
     cy = int(cand_y[pick] / mpp) - size // 2
     return render_region(cx, cy, size, size, seed=slide_seed, mpp=mpp, artefacts=artefacts)
