@@ -73,6 +73,7 @@ import os
 TILE_SIZE = 128 if SMALL else 256  # px at 0.5 µm/px
 SEED = 1  # which synthetic tile
 MAX_DEPTH = 2 if SMALL else None  # HiPe depths (None: refine down to 4 px cells)
+MODEL = os.environ.get("WSI_HIPE_NB_MODEL", "bundled")  # or a .safetensors checkpoint
 """
             ),
             _code(
@@ -95,7 +96,7 @@ tile = render_tile(SEED, TILE_SIZE)
 n_lymphocytes = np.count_nonzero(np.unique(tile.lymphocytes))
 print(f"tile {tile.image.shape}, {n_lymphocytes} lymphocytes")
 
-model = load_model()  # the bundled U-Net (CUDA when available)
+model = load_model(MODEL)  # the bundled U-Net (CUDA when available)
 print("classes:", model.meta.class_names, "device:", model.device)
 x = torch.from_numpy(tile.image)[None].to(model.device)  # (1, H, W), background ≈ 0
 forward = class_area(model, class_index="lymphocyte")  # (B, 1, H, W) -> (B,)
@@ -172,13 +173,20 @@ import os
 from pathlib import Path
 
 {_SMALL}
-SLIDE_SIZE = (512, 384) if SMALL else (4096, 3072)  # level-0 px (width, height)
+SLIDE_SIZE = (384, 256) if SMALL else (4096, 3072)  # level-0 px (width, height)
 OVERRIDES = (
-    {{"tiling.tile_size": 128, "tiling.halo": 16, "hipe.max_depth": 1, "hipe.batch_size": 16}}
+    {{
+        "tiling.tile_size": 128,
+        "tiling.halo": 16,
+        "hipe.start_grid": 4,
+        "hipe.max_depth": 1,
+        "hipe.batch_size": 32,
+    }}
     if SMALL
     else {{}}
 )
 OUT = Path(os.environ.get("WSI_HIPE_NB_OUT", "nb-output"))
+MODEL = os.environ.get("WSI_HIPE_NB_MODEL", "bundled")  # or a .safetensors checkpoint
 """
             ),
             _code(
@@ -200,7 +208,7 @@ print("slide:", slide_path)
             _code(
                 """
 result = explain_slide(
-    slide_path, OUT / "synthetic.ome.zarr", config=OVERRIDES, overwrite=True
+    slide_path, OUT / "synthetic.ome.zarr", config=OVERRIDES, model=MODEL, overwrite=True
 )
 print(f"{result.tiles_total} tissue tiles: {result.counts}")
 print(f"{result.forward_passes} forward passes in {result.seconds:.1f} s")
@@ -284,6 +292,7 @@ OVERRIDES = (
     if SMALL
     else {{}}
 )
+MODEL = os.environ.get("WSI_HIPE_NB_MODEL", "bundled")  # or a .safetensors checkpoint
 """
             ),
             _code(
@@ -302,7 +311,7 @@ CONFIG = config_file if config_file.is_file() else None  # None: the same defaul
             ),
             _code(
                 """
-result = run_evaluation(CONFIG, overrides=OVERRIDES, keep_maps=True)
+result = run_evaluation(CONFIG, model=MODEL, overrides=OVERRIDES, keep_maps=True)
 display(Markdown(result.to_markdown()))
 """
             ),
