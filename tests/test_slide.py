@@ -600,3 +600,54 @@ def test_slide_without_path_reads_from_its_reader():
     np.testing.assert_array_equal(
         clone.read(0, 0, 64, 64, mpp=0.5), slide.read(0, 0, 64, 64, mpp=0.5)
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Slides from wsi_hipe.synthetic (ground truth known)
+# --------------------------------------------------------------------------------------------
+
+SYNTH_SIZE = (1024, 768)
+
+
+@pytest.fixture(scope="module")
+def synthetic_slides(tmp_path_factory):
+    synthetic = pytest.importorskip("wsi_hipe.synthetic")
+    folder = tmp_path_factory.mktemp("synthetic")
+    return {
+        layout: synthetic.write_slide(
+            folder / f"{layout}.tiff",
+            size=SYNTH_SIZE,
+            seed=3,
+            layout=layout,
+            tile_size=256,
+            gt_downsample=4,
+        )
+        for layout in ("gray", "rgb")
+    }
+
+
+@pytest.mark.parametrize("layout,channel", [("gray", None), ("rgb", 2)])
+def test_synthetic_slide_channel_pixels_and_tissue(synthetic_slides, layout, channel):
+    import tifffile
+
+    from wsi_hipe.synthetic import render_region
+
+    written = synthetic_slides[layout]
+    slide = open_slide(written.path)
+    assert slide.channel == channel and slide.mpp == pytest.approx(0.5)
+    # The pixels are the rendered stain (quantised to uint8 in the file).
+    raw = open_slide(written.path, normalize=False, channel="mean" if channel is None else channel)
+    region = render_region(100, 50, 200, 150, seed=3, mpp=0.5, slide_size=SYNTH_SIZE)
+    np.testing.assert_allclose(raw.read(100, 50, 200, 150, mpp=0.5), region.image, atol=0.6 / 255)
+    # Tissue against the ground truth (at downsample 4: compare on the same grid).
+    truth = tifffile.imread(written.ground_truth["tissue"]).astype(bool)
+    mask = slide.detect_tissue(max_size=256)
+    assert slide.thumbnail_downsample(256) == 4.0 and mask.mask.shape == truth.shape
+    assert mask.fraction == pytest.approx(truth.mean(), abs=0.03)
+    assert (mask.mask & truth).sum() / (mask.mask | truth).sum() > 0.9
+    # Normalised: glass ≈ 0, bright nuclei ≈ 1.
+    full = slide.read(0, 0, *SYNTH_SIZE, mpp=0.5)
+    nuclei = tifffile.imread(written.ground_truth["nuclei"]).astype(bool)
+    sub = full[2::4, 2::4]  # the level-0 pixels the ground truth samples
+    assert np.median(sub[~truth]) < 0.05
+    assert 0.7 < np.percentile(sub[nuclei], 95) < 1.2
