@@ -366,6 +366,17 @@ def test_ground_truth_downsample(tmp_path, full):
         assert x_res[0] / x_res[1] == pytest.approx(1e4 / 2.0)  # px per cm at 2 µm/px
 
 
+def test_ground_truth_downsample_with_thin_edge_tiles(tmp_path):
+    import tifffile
+
+    # the last tile column and row are 3 px: they hold no ground-truth sample at d = 8
+    s = write_slide(tmp_path / "e.tiff", size=(259, 131), seed=2, tile_size=128, gt_downsample=8)
+    ref = render_region(0, 0, 259, 131, seed=2, slide_size=(259, 131))
+    nuclei = tifffile.imread(s.ground_truth["nuclei"])
+    assert nuclei.shape == (16, 32)
+    np.testing.assert_array_equal(nuclei, ref.nuclei[4::8, 4::8].astype(np.uint8))
+
+
 # --- input checking ----------------------------------------------------------------------------
 
 

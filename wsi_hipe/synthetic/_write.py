@@ -343,7 +343,8 @@ def write_slide(
                             [cell["id"], f"{cell['x']:.3f}", f"{cell['y']:.3f}", cell["cls"]]
                             + [cell["area_px"]]
                         )
-                if sinks:
+                # a thin last tile may hold no ground-truth sample (x0 + d//2 >= width)
+                if sinks and x0 + d // 2 < width and y0 + d // 2 < height:
                     sub = (slice(d // 2, None, d), slice(d // 2, None, d))
                     sinks["lymphocytes"].put(reg.lymphocytes[sub].astype(np.uint32))
                     sinks["nuclei"].put(reg.nuclei[sub].astype(np.uint8))
