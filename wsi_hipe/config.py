@@ -237,8 +237,9 @@ class ScheduleConfig(_Section):
     max_in_flight : int or None
         Tiles submitted but not yet written; None = 2 × workers. Bounds memory.
     threads_per_worker : int or None
-        torch threads in each worker; None = 1 for process-based schedulers, unchanged for
-        ``sync``, and cores / workers for ``threads``.
+        torch intra-op threads per worker; None = 1 for every scheduler. CPU float reductions
+        may round differently with another thread count, so outputs are bit-identical across
+        schedulers only for equal values (resuming with another value mixes both).
     """
 
     scheduler: str = "sync"

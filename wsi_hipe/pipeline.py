@@ -71,7 +71,7 @@ from wsi_hipe.errors import (
     SlideReadError,
     WsiHipeError,
 )
-from wsi_hipe.schedule import TaskRunner, worker_cache
+from wsi_hipe.schedule import DEFAULT_TORCH_THREADS, TaskRunner, torch_threads, worker_cache
 
 __all__ = [
     "RegionResult",
@@ -1031,30 +1031,27 @@ def explain_region(
             min_cell_size=cfg.hipe.min_cell_size,
             max_depth=cfg.hipe.max_depth,
         )
-        records, passes, total_score, stopped = [], 0, 0.0, False
-        for step, tile in enumerate(grid.tiles):
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
-            rx, ry = grid.read_window(tile)[:2]
-            job = _TileJob(
-                tile.index, tile.row, tile.col, tile.y, tile.x, tuple(tile.core), x0 + rx, y0 + ry
+        records: list[dict] = []
+        threads = cfg.schedule.threads_per_worker or DEFAULT_TORCH_THREADS
+        with torch_threads(threads):
+            stopped = _region_loop(
+                grid,
+                spec,
+                slide_obj,
+                model_obj,
+                x0,
+                y0,
+                sal,
+                seg,
+                records,
+                progress,
+                should_stop,
+                depths,
             )
-            hook = _depth_progress(progress, should_stop, step, len(grid.tiles), depths)
-            try:
-                outcome = _compute_tile(job, spec, slide_obj, model_obj, hipe_progress=hook)
-            except _Stopped:
-                stopped = True
-                break
-            records.append(outcome.record)
-            passes += int(outcome.record["passes"])
-            if outcome.saliency is not None:
-                rows, cols = grid.target_slices(tile)
-                sal[rows, cols] = outcome.saliency
-                seg[rows, cols] = outcome.segmentation
-                total_score += float(outcome.record["score"])
-            if progress is not None:
-                progress((step + 1) * 100, len(grid.tiles) * 100)
+        passes = sum(int(r["passes"]) for r in records)
+        total_score = sum(
+            float(r["score"]) for r in records if r["score"] is not None and r["status"] != "failed"
+        )
     finally:
         if opened_here:
             slide_obj.close()
@@ -1071,6 +1068,32 @@ def explain_region(
         seconds=time.perf_counter() - t0,
         stopped=stopped,
     )
+
+
+def _region_loop(
+    grid, spec, slide_obj, model_obj, x0, y0, sal, seg, records, progress, should_stop, depths
+) -> bool:
+    """Compute the tiles of a region in order, in place; return whether it was stopped."""
+    for step, tile in enumerate(grid.tiles):
+        if should_stop is not None and should_stop():
+            return True
+        rx, ry = grid.read_window(tile)[:2]
+        job = _TileJob(
+            tile.index, tile.row, tile.col, tile.y, tile.x, tuple(tile.core), x0 + rx, y0 + ry
+        )
+        hook = _depth_progress(progress, should_stop, step, len(grid.tiles), depths)
+        try:
+            outcome = _compute_tile(job, spec, slide_obj, model_obj, hipe_progress=hook)
+        except _Stopped:
+            return True
+        records.append(outcome.record)
+        if outcome.saliency is not None:
+            rows, cols = grid.target_slices(tile)
+            sal[rows, cols] = outcome.saliency
+            seg[rows, cols] = outcome.segmentation
+        if progress is not None:
+            progress((step + 1) * 100, len(grid.tiles) * 100)
+    return False
 
 
 def explain_cell(
@@ -1129,15 +1152,16 @@ def explain_cell(
         hook = _depth_progress(progress, should_stop, 0, 1, depths)
         stopped = False
         try:
-            outcome = _compute_tile(
-                job,
-                cell_spec,
-                slide_obj,
-                model_obj,
-                hipe_progress=hook,
-                cell_at=(centre, centre),
-                keep_full=True,
-            )
+            with torch_threads(cfg.schedule.threads_per_worker or DEFAULT_TORCH_THREADS):
+                outcome = _compute_tile(
+                    job,
+                    cell_spec,
+                    slide_obj,
+                    model_obj,
+                    hipe_progress=hook,
+                    cell_at=(centre, centre),
+                    keep_full=True,
+                )
         except _Stopped:
             stopped = True
             outcome = TileOutcome(

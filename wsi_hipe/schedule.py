@@ -27,6 +27,7 @@ worker.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -34,7 +35,19 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["TaskRunner", "parse_scheduler", "worker_cache", "clear_worker_cache"]
+__all__ = [
+    "TaskRunner",
+    "parse_scheduler",
+    "worker_cache",
+    "clear_worker_cache",
+    "torch_threads",
+    "DEFAULT_TORCH_THREADS",
+]
+
+#: torch intra-op threads per worker unless configured. CPU float reductions (matrix-vector
+#: products, convolutions) may round differently with another thread count, so every scheduler
+#: uses the same default: that is what makes outputs bit-identical across schedulers.
+DEFAULT_TORCH_THREADS = 1
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +144,26 @@ def parse_scheduler(spec: str, workers: int = 1) -> tuple[str, int, str | None]:
     )
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run a block with ``threads`` torch intra-op threads, restoring the setting afterwards.
+
+    ``None`` leaves the setting alone. The setting is process-wide: other threads running
+    torch meanwhile are affected too.
+    """
+    if threads is None:
+        yield
+        return
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _set_torch_threads(threads: int | None) -> None:
     """Set torch's intra-op threads once per process (no-op for None)."""
     if threads is None or (_THREADS_SET and _THREADS_SET[0] == threads):
@@ -164,9 +197,11 @@ class TaskRunner:
     max_in_flight : int, optional
         Tasks submitted and not yet returned; default 2 × workers.
     threads_per_worker : int, optional
-        torch intra-op threads per worker. Default: 1 in worker processes, and
-        ``cpu_count // workers`` for ``threads`` (restored afterwards); ``sync`` leaves
-        torch's setting alone.
+        torch intra-op threads per worker (for ``sync`` and ``threads``: of this process while
+        the runner is open; restored by :meth:`close`). Default
+        :data:`DEFAULT_TORCH_THREADS` (1) for every scheduler, so that all of them give
+        bit-identical results; more threads can be faster with ``sync`` on a many-core CPU
+        but may change the last bits of the saliency.
     gpu : bool
         Distributed tasks request ``resources={"GPU": 1}`` (a LocalCluster advertises one GPU
         per worker).
@@ -191,10 +226,11 @@ class TaskRunner:
         self._max_in_flight = max_in_flight
         self.gpu = bool(gpu)
         if threads_per_worker is None:
-            if self.kind == "threads":
-                threads_per_worker = max(1, (os.cpu_count() or 1) // self.workers)
-            elif self.kind in ("processes", "local", "tcp"):
-                threads_per_worker = 1
+            threads_per_worker = DEFAULT_TORCH_THREADS
+        if not isinstance(threads_per_worker, int) or threads_per_worker < 1:
+            raise ValueError(
+                f"threads_per_worker must be a positive integer, got {threads_per_worker!r}"
+            )
         self.threads_per_worker = threads_per_worker
         self._pool: Any = None
         self._client: Any = None
@@ -213,13 +249,14 @@ class TaskRunner:
         """Start pools or the cluster (done lazily by :meth:`map` otherwise)."""
         if self._started:
             return self
-        if self.kind == "threads":
-            from concurrent.futures import ThreadPoolExecutor
-
+        if self.kind in ("sync", "threads"):
             import torch
 
             self._saved_threads = torch.get_num_threads()
-            torch.set_num_threads(self.threads_per_worker or 1)
+            torch.set_num_threads(self.threads_per_worker)
+        if self.kind == "threads":
+            from concurrent.futures import ThreadPoolExecutor
+
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="wsi-hipe")
         elif self.kind == "processes":
             import multiprocessing
