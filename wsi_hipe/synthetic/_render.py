@@ -16,11 +16,13 @@ Model (all lengths in µm, so the tissue is the same physical object at any µm/
   lattice holds a nucleus of higher random priority that overlaps it too much (a Matérn type-II
   hard-core rule, decided from the 3×3 neighbourhood only, so it is local and pure).
   Cell ids are ``class_code << 28 | (row mod 2**14) << 14 | (col mod 2**14)``: unique and stable
-  within any 114 mm window, below 2**30, never 0.
-* **Image formation**: nuclei (lymphocytes drawn last, i.e. on top) + tissue autofluorescence,
+  within any 131 mm window (2**14 lymphocyte sites of 8 µm), below 2**30, never 0.
+* **Image formation**: nuclei (where they overlap the brightest wins; in the label image the
+  larger lymphocyte id wins; lymphocytes are complete wherever no other lymphocyte overlaps
+  them, which the hard-core rule keeps away from their centres) + tissue autofluorescence,
   optional artefacts (bright debris, a tissue fold band, out-of-focus patches), Gaussian PSF blur,
-  smooth illumination falloff with mild per-field vignetting, dark offset, then Gaussian-
-  approximated shot noise + read noise from a per-pixel hash, clipped to ``[0, 1]``.
+  smooth illumination falloff with mild per-field vignetting, dark offset, then Gaussian-like
+  (Irwin–Hall) shot noise + read noise from a per-pixel hash, clipped to ``[0, 1]``.
 
 A region is rendered on a canvas padded by the blur radius, so a region equals the crop of any
 larger region bit for bit.
