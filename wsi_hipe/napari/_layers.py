@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 #: Perceptually uniform, black at zero (so additive blending leaves the slide untouched there).
 SALIENCY_COLORMAP = "inferno"
 
+#: Upper contrast limit of the slide layer, in normalised stain units (bright nuclei ≈ 1).
+SLIDE_DISPLAY_MAX = 1.5
+
 #: Contrast limits are computed on the finest level with at most this many pixels.
 _CONTRAST_MAX_PIXELS = 2048 * 2048
 
@@ -151,7 +154,9 @@ def slide_layer_data(
         "scale": pyramid.transforms[0].scale,
         "translate": pyramid.transforms[0].translation,
         "colormap": "gray",
-        "contrast_limits": (0.0, 1.0),
+        # The normalised stain runs to 1.5 (bright nuclei ≈ 1 show as light grey), which
+        # leaves headroom for the additive saliency to show over the nuclei.
+        "contrast_limits": (0.0, SLIDE_DISPLAY_MAX),
         "metadata": {"wsi_hipe": info},
         "units": "µm" if pyramid.mpp_known else "pixel",
     }

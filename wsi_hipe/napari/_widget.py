@@ -108,6 +108,9 @@ class ExplainWidget(Container):
     ----------
     viewer : napari.viewer.Viewer
         The viewer whose slide layer, shapes and clicks the widget uses.
+    overrides : mapping, optional
+        Further configuration overrides (dotted keys, e.g. ``{"tiling.tile_size": 128}``)
+        applied under the widget's own settings, for scripts and notebooks.
 
     Notes
     -----
@@ -116,11 +119,15 @@ class ExplainWidget(Container):
     pipeline's result and :attr:`last_layers` the layers it added.
     """
 
-    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+    def __init__(
+        self, viewer: napari.viewer.Viewer, *, overrides: dict[str, Any] | None = None
+    ) -> None:
         self._viewer = viewer
+        self._extra_overrides = dict(overrides or {})
         self._models: dict[str, Any] = {}
         self._stop = threading.Event()
         self._picking = False
+        self._busy = False
         self._runs = 0
         self.worker: Any = None
         self.last_result: Any = None
@@ -223,15 +230,31 @@ class ExplainWidget(Container):
             return str(path)
         return "bundled"
 
+    @property
+    def busy(self) -> bool:
+        """True from the start of a run until its worker has finished (on the GUI thread)."""
+        return self._busy
+
     def set_settings(
         self,
         *,
+        model: str | Path | None = None,
         substrate: str | None = None,
         batch_size: int | None = None,
         max_depth: int | None = None,
         target: str | None = None,
     ) -> None:
-        """Set the widget's HiPe options from code (``max_depth=0``: no limit)."""
+        """Set the widget's options from code.
+
+        ``model`` is ``"bundled"`` or a model file; ``max_depth=0`` means no limit.
+        """
+        if model is not None:
+            if str(model) == "bundled":
+                self._model.value = "bundled"
+            else:
+                self._model_file.value = Path(model)
+                self._model.value = "file"
+                self._update_classes()
         if substrate is not None:
             if substrate not in SUBSTRATES:
                 raise ValueError(f"substrate must be one of {list(SUBSTRATES)}, got {substrate!r}")
@@ -250,6 +273,7 @@ class ExplainWidget(Container):
     def overrides(self) -> dict[str, Any]:
         """The configuration overrides the current settings stand for (dotted keys)."""
         return {
+            **self._extra_overrides,
             "hipe.substrate": self._substrate.value,
             "hipe.batch_size": int(self._batch.value),
             "hipe.max_depth": int(self._depth.value) or None,
@@ -303,7 +327,7 @@ class ExplainWidget(Container):
         viewer = self._viewer
         centre = np.asarray(viewer.camera.center)[-2:]
         zoom = float(viewer.camera.zoom)
-        size = np.asarray(viewer._canvas_size, dtype=float)[-2:]
+        size = np.asarray(viewer.canvas.size, dtype=float)[-2:]
         half = size / (2 * zoom)
         return (
             float(centre[0] - half[0]),
@@ -407,7 +431,7 @@ class ExplainWidget(Container):
     def _start(self, kind: str, layer: Any, **target: Any) -> Any:
         from napari.qt.threading import create_worker
 
-        if self.worker is not None and self.worker.is_running:
+        if self._busy:
             raise ValueError("an explanation is already running; wait for it or press Cancel")
         info = slide_info(layer)
         config = self.config(layer)
@@ -433,6 +457,7 @@ class ExplainWidget(Container):
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self.worker = worker
+        self._busy = True
         self._cancel_button.enabled = True
         self._region_button.enabled = False
         self._cell_button.enabled = False
@@ -465,6 +490,7 @@ class ExplainWidget(Container):
         logger.error("HiPe run failed: %s", exc)
 
     def _on_finished(self) -> None:
+        self._busy = False
         self._cancel_button.enabled = False
         self._region_button.enabled = True
         self._cell_button.enabled = True
