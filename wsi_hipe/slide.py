@@ -54,6 +54,7 @@ reopens lazily in the worker. A region whose pixels cannot be decoded raises
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -521,8 +522,9 @@ def _pick_level(downsamples: Sequence[float], scale: float) -> int:
     return best
 
 
+@functools.lru_cache(maxsize=256)
 def _area_weights(start: float, ratio: float, n_out: int, n_in: int) -> Any:
-    """Sparse (n_out, n_in) box-filter weights.
+    """Sparse (n_out, n_in) box-filter weights (cached: tiles of a grid share a few offsets).
 
     Output px ``i`` covers source ``[start + i·ratio, start + (i+1)·ratio)``; source px ``j``
     covers ``[j, j+1)``; weight = overlap / ratio (rows sum to 1 where the source is present).
