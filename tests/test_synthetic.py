@@ -41,6 +41,12 @@ def full() -> SyntheticRegion:
 
 
 @pytest.fixture(scope="module")
+def clean() -> SyntheticRegion:
+    """The same slide without artefacts."""
+    return render_region(0, 0, SIZE, SIZE, seed=SEED, slide_size=SIZE, artefacts=False)
+
+
+@pytest.fixture(scope="module")
 def slide(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "slide.tiff"
     return write_slide(out, size=SIZE, seed=SEED, tile_size=TILE)
@@ -155,9 +161,8 @@ def _class_regions(region: SyntheticRegion) -> dict[str, list]:
     return out
 
 
-def test_cell_class_shapes():
-    region = render_region(0, 0, SIZE, SIZE, seed=SEED, slide_size=SIZE, artefacts=False)
-    props = _class_regions(region)
+def test_cell_class_shapes(clean):
+    props = _class_regions(clean)
     assert all(len(v) >= 15 for v in props.values()), {k: len(v) for k, v in props.items()}
 
     def med(cls, f):
@@ -176,13 +181,12 @@ def test_cell_class_shapes():
     assert med("stromal", ratio) > 2.5
 
 
-def test_texture_and_brightness_by_class():
-    region = render_region(0, 0, SIZE, SIZE, seed=SEED, slide_size=SIZE, artefacts=False)
+def test_texture_and_brightness_by_class(clean):
     from scipy.ndimage import binary_erosion
     from skimage.morphology import disk
 
-    props = _class_regions(region)
-    img = region.image
+    props = _class_regions(clean)
+    img = clean.image
 
     def stats(cls):
         mean, cv, peak = [], [], []
