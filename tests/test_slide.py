@@ -485,6 +485,15 @@ def test_level_choice_and_box_filter_known_answers():
     slide = open_slide(pyr, channel="mean", normalize=False)
     level2 = pyr.read_region((0, 0), 2, (32, 24))[..., 0]
     np.testing.assert_allclose(slide.read(0, 0, 32, 24, mpp=4.0) * 255, level2, atol=1e-4)
+    # Within LEVEL_RTOL of a level's downsample, that level is served as is.
+    np.testing.assert_allclose(slide.read(0, 0, 32, 24, mpp=3.999) * 255, level2, atol=1e-4)
+    # The reader's thumbnail is the premultiplied RGBA box-filtered to fit.
+    thumb = pyr.get_thumbnail(32)
+    assert thumb.shape == (24, 32, 4) and thumb.dtype == np.uint8
+    np.testing.assert_allclose(
+        thumb[..., 0], img.reshape(24, 4, 32, 4).mean(axis=(1, 3)), atol=0.51
+    )
+    assert (thumb[..., 3] == 255).all()
     # Without a pyramid the same read is the 4x4 block mean of level 0.
     flat = _raw(img)
     expect = img.reshape(24, 4, 32, 4).mean(axis=(1, 3))
