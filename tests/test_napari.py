@@ -51,28 +51,13 @@ WIDGET_OVERRIDES = {"tiling.mpp": 0.5, "tiling.tile_size": 64, "tiling.halo": 16
 
 
 def _write_slide(path: Path):
-    """A synthetic slide and its ground truth (rendered with the same arguments)."""
+    """A synthetic slide (``wsi_hipe.synthetic.write_slide``) and its ground truth."""
     from wsi_hipe import synthetic
 
     args = {"seed": SEED, "mpp": SLIDE_MPP}
-    if hasattr(synthetic, "write_slide"):
-        synthetic.write_slide(path, size=(SIZE, SIZE), tile_size=256, **args)
-        truth = synthetic.render_region(0, 0, SIZE, SIZE, slide_size=(SIZE, SIZE), **args)
-        return truth
-    # Until wsi_hipe.synthetic.write_slide exists: the same pixels as a tiled TIFF.
-    import tifffile
-
-    truth = synthetic.render_region(0, 0, SIZE, SIZE, slide_size=(SIZE, SIZE), **args)
-    stain = (np.clip(truth.image, 0, 1) * 255).round().astype(np.uint8)
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(
-            np.repeat(stain[..., None], 3, axis=2),
-            tile=(128, 128),
-            photometric="rgb",
-            resolution=(1e4 / SLIDE_MPP, 1e4 / SLIDE_MPP),
-            resolutionunit="CENTIMETER",
-        )
-    return truth
+    synthetic.write_slide(path, size=(SIZE, SIZE), tile_size=256, ground_truth=False, **args)
+    # The virtual slide is a pure function of its arguments: the same pixels, with the truth.
+    return synthetic.render_region(0, 0, SIZE, SIZE, slide_size=(SIZE, SIZE), **args)
 
 
 def _pick_lymphocyte(truth, stain: np.ndarray) -> dict:
@@ -422,3 +407,18 @@ def test_cancel_stops_a_running_explanation(make_napari_viewer, qtbot, scene):
     assert widget.last_result is not None and widget.last_result.stopped
     assert widget.last_layers == []
     assert "cancelled" in widget._status.value
+
+
+def test_view_opens_the_output_and_docks_the_widget(make_napari_viewer, scene):
+    from wsi_hipe.napari import view
+
+    viewer = make_napari_viewer()
+    assert view(scene["output"], block=False, viewer=viewer) is viewer
+    assert [layer.name for layer in viewer.layers] == [
+        "slide.tif", "saliency", "segmentation", "tissue",
+    ]  # fmt: skip
+    assert "Explain (HiPe)" in viewer.window.dock_widgets
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        view(scene["output"].parent / "missing.ome.zarr", block=False, viewer=viewer)
+    with pytest.raises(ValueError, match="neither a wsi-hipe output"):
+        view(scene["model"], block=False, viewer=viewer)
