@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -37,7 +38,6 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "hipe.min_cell_size": 8,
     "hipe.batch_size": 16,
 }
-DEMO_SIZE = (2048, 1536)
 
 app = typer.Typer(
     name="wsi-hipe",
@@ -444,25 +444,29 @@ def demo(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic slide.")] = 0,
+    size: Annotated[
+        str, typer.Option(help="Slide size, WIDTHxHEIGHT px (the demo is timed at 2048x1536).")
+    ] = "2048x1536",
+    config: ConfigOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite/--resume", help="Start the demo output afresh.")
     ] = True,
 ) -> None:
     """Make a synthetic Hoechst slide and run the bundled model and HiPe on it, end to end."""
-    from wsi_hipe.config import load_config
     from wsi_hipe.synthetic import write_slide
     from wsi_hipe.viz import overview_png
 
-    overrides = dict(DEMO_OVERRIDES)
+    width, height = _parse_size(size)
+    overrides = {} if config is not None else dict(DEMO_OVERRIDES)
     overrides.update(_overrides(model=model, scheduler=scheduler, workers=workers))
-    cfg = load_config(overrides=overrides)
+    cfg = _load_config(config, overrides)
     out.mkdir(parents=True, exist_ok=True)
     slide_path = out / "demo_slide.tiff"
     t0 = time.perf_counter()
     with _errors():
         if overwrite or not slide_path.exists():
-            logger.info("writing a %dx%d synthetic slide to %s", *DEMO_SIZE, slide_path)
-            write_slide(slide_path, size=DEMO_SIZE, seed=seed, mpp=0.5)
+            logger.info("writing a %dx%d synthetic slide to %s", width, height, slide_path)
+            write_slide(slide_path, size=(width, height), seed=seed, mpp=0.5)
         output = out / "demo.ome.zarr"
         result = _run_slide(slide_path, output, cfg, overwrite=overwrite)
         png = overview_png(output, out / "overview.png", slide=slide_path)
@@ -478,16 +482,11 @@ def demo(
 
 
 def _parse_size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1:
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", text.lower())
+    if not match or int(match.group(1)) < 1 or (match.group(2) and int(match.group(2)) < 1):
         raise typer.BadParameter(f"size must be WIDTHxHEIGHT or one number (px), got {text!r}")
-    return values[0], values[1]
+    width = int(match.group(1))
+    return width, int(match.group(2)) if match.group(2) else width
 
 
 @app.command()
@@ -513,7 +512,7 @@ def synth(
         written = write_slide(
             output, size=(width, height), seed=seed, mpp=mpp, layout=layout, artefacts=artefacts
         )
-    logger.info("wrote %s", written)
+    logger.info("wrote %s (%s cells)", written.path, written.n_cells)
     typer.echo(str(output))
 
 
