@@ -422,3 +422,12 @@ def test_view_opens_the_output_and_docks_the_widget(make_napari_viewer, scene):
         view(scene["output"].parent / "missing.ome.zarr", block=False, viewer=viewer)
     with pytest.raises(ValueError, match="neither a wsi-hipe output"):
         view(scene["model"], block=False, viewer=viewer)
+
+
+def test_plugin_menu_docks_the_widget_with_the_viewer(make_napari_viewer, scene):
+    viewer = make_napari_viewer()
+    viewer.open(str(scene["slide"]), plugin="wsi-hipe")
+    _dock, widget = viewer.window.add_plugin_dock_widget("wsi-hipe", "Explain (HiPe)")
+    assert isinstance(widget, ExplainWidget)
+    assert widget._viewer.layers[0].name == "slide.tif"  # napari injected this viewer
+    assert widget.slide_layer().name == "slide.tif"

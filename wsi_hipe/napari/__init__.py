@@ -46,6 +46,8 @@ def view(
         ``path`` does not exist.
     ValueError
         ``path`` is neither a wsi-hipe output nor a slide OpenSlide can open.
+    ImportError
+        napari is not installed (``pip install 'wsi-hipe[napari]'``).
     """
     if path is not None:
         from wsi_hipe.napari._reader import napari_get_reader
@@ -62,7 +64,13 @@ def view(
                 f"{path} is neither a wsi-hipe output (.ome.zarr with wsi_hipe provenance) nor "
                 "a slide OpenSlide can open"
             )
-    import napari
+    try:
+        import napari
+    except ImportError as exc:
+        raise ImportError(
+            f"napari is not installed ({exc}); install the plugin's extra: "
+            "pip install 'wsi-hipe[napari]'"
+        ) from exc
 
     if viewer is None:
         viewer = napari.Viewer(title=f"wsi-hipe — {path.name}" if path is not None else "wsi-hipe")
