@@ -357,6 +357,16 @@ def test_region_widget_explains_the_drawn_rectangle(make_napari_viewer, qtbot, s
     assert data.max() > 0
     assert f"{result.forward_passes} forward passes" in widget._status.value
     assert worker is widget.worker
+    # the progress bar was sized from the pipeline's progress hook, then closed
+    assert worker.pbar.total > 0 and worker.pbar.n == worker.pbar.total
+
+    # "current view": the world rectangle the canvas shows
+    viewer.camera.center = (y_um, x_um)
+    viewer.camera.zoom = 8.0  # screen px per µm
+    y0, x0, y1, x1 = widget.current_view_box()
+    h, w = viewer.canvas.size
+    assert ((y0 + y1) / 2, (x0 + x1) / 2) == pytest.approx((y_um, x_um))
+    assert (y1 - y0, x1 - x0) == pytest.approx((h / 8.0, w / 8.0))
 
 
 def test_cell_widget_explains_the_clicked_lymphocyte(make_napari_viewer, qtbot, MouseEvent, scene):
