@@ -660,3 +660,17 @@ def test_synthetic_slide_channel_pixels_and_tissue(synthetic_slides, layout, cha
     sub = full[2::4, 2::4]  # the level-0 pixels the ground truth samples
     assert np.median(sub[~truth]) < 0.05
     assert 0.7 < np.percentile(sub[nuclei], 95) < 1.2
+
+
+def test_coarse_thumbnail_takes_the_bright_end_from_full_resolution_samples(synthetic_slides):
+    path = synthetic_slides["gray"].path
+    fine = open_slide(path)  # 1024 px thumbnail of a 1024 px slide: full resolution
+    coarse = open_slide(path, analysis_size=64)  # 8 µm/px thumbnail: nuclei averaged away
+    assert "tissue samples" in coarse.provenance()["intensity_method"]
+    assert "tissue samples" not in fine.provenance()["intensity_method"]
+    assert coarse.intensity[1] == pytest.approx(fine.intensity[1], rel=0.05)
+    raw = open_slide(path, normalize=False)
+    thumb = raw.thumbnail(64) * 255
+    tissue = raw.detect_tissue(max_size=64).mask
+    # What the 8 µm/px thumbnail alone would have given (about 127 against 212).
+    assert np.percentile(thumb[tissue], 99.5) < 0.75 * coarse.intensity[1]

@@ -39,10 +39,14 @@ Intensity normalisation
 From a thumbnail of the raw stain (0..255): ``low`` = 1st percentile of the scanned pixels
 (background level), ``high`` = 99.5th percentile of the tissue pixels (found with
 :func:`wsi_hipe.tissue.detect_tissue`); a pixel becomes ``clip((x - low) / (high - low), 0,
-CLIP_MAX)``. Both values are in :meth:`Slide.provenance`. Caveat: a thumbnail coarser than a
-nucleus averages nuclei with their surroundings, so ``high`` is then lower than the brightest
-nuclei at full resolution (they read > 1, up to ``CLIP_MAX``); pass ``intensity=(low, high)`` to
-fix the scale. ``normalize=False`` gives ``x / 255``.
+CLIP_MAX)``. A thumbnail coarser than a nucleus averages nuclei with their surroundings (on a
+4096² synthetic slide a 16 µm/px thumbnail put ``high`` at 120 where the full-resolution value
+is 199), so when the thumbnail is coarser than 1.5 x ``NORM_MPP`` (0.5 µm/px, or the slide's own
+resolution if coarser), ``high`` is the 99.5th percentile of ``NORM_SAMPLES`` (16) regions of
+256² px centred on tissue (evenly spaced over the tissue pixels in row-major order, so
+deterministic) and read at that resolution. Both values and how they were found are in
+:meth:`Slide.provenance`; pass ``intensity=(low, high)`` to fix the scale, ``normalize=False``
+for ``x / 255``.
 
 Processes and errors
 --------------------
@@ -100,6 +104,13 @@ LEVEL_RTOL = 1e-3
 #: Percentiles of the thumbnail used for normalisation: background and bright tissue.
 LOW_PERCENTILE = 1.0
 HIGH_PERCENTILE = 99.5
+#: Resolution (µm/px) at which the bright end of the intensity range is measured: nuclei
+#: (~7 µm) are resolved there. When the analysis thumbnail is coarser than NORM_THUMB_RATIO
+#: times this, NORM_SAMPLES tissue regions of NORM_SAMPLE_SIZE px are read at it instead.
+NORM_MPP = 0.5
+NORM_THUMB_RATIO = 1.5
+NORM_SAMPLES = 16
+NORM_SAMPLE_SIZE = 256
 #: Side (px) of the thumbnail used to detect the stain channel and intensity range.
 ANALYSIS_SIZE = 1024
 #: Largest source window side (px) read in one piece; bigger regions are read in blocks.
@@ -879,7 +890,9 @@ class Slide:
             low, high = self._intensity_opt
             how = "explicit"
         elif thumb is not None:
-            low, high, how = self._intensity_range(extract(thumb), thumb[..., 3] > 0, scale)
+            low, high, how = self._intensity_range(
+                extract(thumb), thumb[..., 3] > 0, scale, extract
+            )
         stain = _Stain(mode, channel, method, brightfield, low, high, how)
         logger.info(
             "%s: stain %s; intensity low %.4g, high %.4g (%s)", self.path, method, low, high, how
@@ -927,7 +940,7 @@ class Slide:
         return "channel", best, method
 
     def _intensity_range(
-        self, stain: np.ndarray, scanned: np.ndarray, scale: float
+        self, stain: np.ndarray, scanned: np.ndarray, scale: float, extract: Extract
     ) -> tuple[float, float, str]:
         values = stain[scanned] if scanned.any() else stain.ravel()
         low = float(np.percentile(values, LOW_PERCENTILE))
@@ -935,7 +948,22 @@ class Slide:
         where = "tissue"
         if tissue.sum() < 16:
             tissue, where = scanned, "scanned (no tissue found)"
-        high = float(np.percentile(stain[tissue], HIGH_PERCENTILE)) if tissue.any() else low
+        sample_mpp = max(self.mpp, NORM_MPP)
+        samples = None
+        if self.mpp * scale > NORM_THUMB_RATIO * sample_mpp and tissue.any():
+            # The thumbnail averages nuclei with their surroundings; take the bright end from
+            # tissue regions read at nuclear resolution instead.
+            samples = self._tissue_samples(tissue, scale, sample_mpp, extract)
+        if samples is not None and samples.size:
+            high = float(np.percentile(samples, HIGH_PERCENTILE))
+            n = samples.size // NORM_SAMPLE_SIZE**2
+            source = (
+                f"p{HIGH_PERCENTILE:g} of {n} tissue samples of {NORM_SAMPLE_SIZE}x"
+                f"{NORM_SAMPLE_SIZE} px at {sample_mpp:g} µm/px"
+            )
+        else:
+            high = float(np.percentile(stain[tissue], HIGH_PERCENTILE)) if tissue.any() else low
+            source = f"p{HIGH_PERCENTILE:g} of {where} px"
         if high - low < 1.0:
             logger.warning(
                 "%s: the thumbnail has almost no contrast (low %.3g, high %.3g); using high = "
@@ -947,10 +975,35 @@ class Slide:
             high = low + 1.0
         how = (
             f"thumbnail {stain.shape[1]}x{stain.shape[0]}: low = p{LOW_PERCENTILE:g} of scanned "
-            f"px, high = p{HIGH_PERCENTILE:g} of {where} px; x -> clip((x - low) / (high - low), "
-            f"0, {CLIP_MAX:g})"
+            f"px, high = {source}; x -> clip((x - low) / (high - low), 0, {CLIP_MAX:g})"
         )
         return low, high, how
+
+    def _tissue_samples(
+        self, tissue: np.ndarray, scale: float, sample_mpp: float, extract: Extract
+    ) -> np.ndarray | None:
+        """Raw stain of up to NORM_SAMPLES regions centred on tissue, at ``sample_mpp``."""
+        rows, cols = np.nonzero(tissue)
+        picks = np.unique(np.linspace(0, rows.size - 1, NORM_SAMPLES).round().astype(int))
+        sample_scale = sample_mpp / self.mpp
+        half = NORM_SAMPLE_SIZE / 2 * sample_scale
+        parts = []
+        for i in picks:  # row-major tissue order, evenly spaced: deterministic and spread
+            cx, cy = (cols[i] + 0.5) * scale, (rows[i] + 0.5) * scale
+            try:
+                parts.append(
+                    self._read_raw(
+                        cx - half,
+                        cy - half,
+                        NORM_SAMPLE_SIZE,
+                        NORM_SAMPLE_SIZE,
+                        sample_scale,
+                        extract,
+                    ).ravel()
+                )
+            except SlideReadError as exc:
+                logger.debug("%s: normalisation sample skipped: %s", self.path, exc)
+        return np.concatenate(parts) if parts else None
 
     def _ensure_analysed(self) -> tuple[_Stain, Extract]:
         stain = self._analyse()
