@@ -77,7 +77,7 @@ def _pick_lymphocyte(truth, stain: np.ndarray) -> dict:
     return best[1]
 
 
-def _write_output(path: Path, slide_path: Path, truth, cell: dict) -> Path:
+def _write_output(path: Path, slide_path: Path, truth, cell: dict, *, config=None) -> Path:
     from wsi_hipe.omezarr import create_output
 
     s = round(TARGET_MPP / SLIDE_MPP)
@@ -103,7 +103,10 @@ def _write_output(path: Path, slide_path: Path, truth, cell: dict) -> Path:
         mpp=TARGET_MPP,
         slide_mpp=SLIDE_MPP,
         fingerprint="napari-test",
-        provenance={"slide": {"path": str(slide_path), "mpp": SLIDE_MPP}},
+        provenance={
+            "slide": {"path": str(slide_path), "mpp": SLIDE_MPP},
+            **({"config": config} if config is not None else {}),
+        },
     )
     index = 0
     for ty in range(0, n, chunk):
@@ -441,3 +444,31 @@ def test_plugin_menu_docks_the_widget_with_the_viewer(make_napari_viewer, scene)
     assert isinstance(widget, ExplainWidget)
     assert widget._viewer.layers[0].name == "slide.tif"  # napari injected this viewer
     assert widget.slide_layer().name == "slide.tif"
+
+
+def test_widget_starts_from_the_outputs_configuration(make_napari_viewer, scene, tmp_path):
+    from wsi_hipe.config import load_config
+
+    run_config = load_config(
+        overrides={"tiling.tile_size": 128, "hipe.substrate": "fade", "hipe.max_depth": 2}
+    ).to_dict()
+    output = _write_output(
+        tmp_path / "configured.ome.zarr", scene["slide"], scene["truth"], scene["cell"],
+        config=run_config,
+    )  # fmt: skip
+    viewer = make_napari_viewer()
+    widget = ExplainWidget(viewer)
+    viewer.open(str(output), plugin="wsi-hipe")  # the new slide layer becomes the choice...
+    layer = widget.slide_layer()
+    assert widget._slide.value is layer
+    assert widget._substrate.value == "fade" and widget._depth.value == 2  # ...with its settings
+    config = widget.config(layer)
+    assert config.tiling.tile_size == 128  # the run's tiling, not the defaults
+    assert config.hipe.substrate == "fade" and config.hipe.max_depth == 2
+    assert config.score.class_index == 1
+    widget.set_settings(max_depth=0, substrate="mean", target="nucleus")
+    config = widget.config(layer)
+    assert config.hipe.max_depth is None and config.hipe.substrate == "mean"
+    assert config.score.class_index == 2 and config.tiling.tile_size == 128
+    with pytest.raises(ValueError, match="substrate must be one of"):
+        widget.set_settings(substrate="zeros")

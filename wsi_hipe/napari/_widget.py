@@ -133,7 +133,7 @@ class ExplainWidget(Container):
         self.last_result: Any = None
         self.last_layers: list[Any] = []
 
-        self._slide = ComboBox(label="slide", choices=self._slide_choices, nullable=True)
+        self._slide = ComboBox(label="slide", choices=self._slide_choices)
         self._model = ComboBox(label="model", choices=("bundled", "file"), value="bundled")
         self._model_file = FileEdit(
             label="model file", mode="r", filter="*.safetensors *.pt *.ts", visible=False
@@ -145,7 +145,7 @@ class ExplainWidget(Container):
         )
         self._target = ComboBox(label="target class", choices=BUNDLED_CLASSES, value="lymphocyte")
         self._source = ComboBox(label="region", choices=REGION_SOURCES, value="drawn rectangle")
-        self._shapes = ComboBox(label="rectangles", choices=self._shapes_choices, nullable=True)
+        self._shapes = ComboBox(label="rectangles", choices=self._shapes_choices)
         self._region_button = PushButton(text="Explain region")
         self._cell_button = PushButton(text="Explain cell (click one)")
         self._cancel_button = PushButton(text="Cancel", enabled=False)
@@ -168,6 +168,7 @@ class ExplainWidget(Container):
             ],
             labels=True,
         )
+        self._slide.changed.connect(self._on_slide_changed)
         self._model.changed.connect(self._on_model_kind)
         self._model_file.changed.connect(self._on_model_file)
         self._region_button.changed.connect(self._on_region_clicked)
@@ -190,6 +191,24 @@ class ExplainWidget(Container):
             for layer in self._viewer.layers
             if layer.__class__.__name__ == "Shapes"
         ]
+
+    def _on_slide_changed(self, layer: Any) -> None:
+        """Take the HiPe settings of the run that made the chosen slide's output, if any."""
+        config = (slide_info(layer) or {}).get("config") if layer is not None else None
+        if not isinstance(config, dict):
+            return
+        hipe = config.get("hipe") or {}
+        score = config.get("score") or {}
+        if hipe.get("substrate") in SUBSTRATES:
+            self._substrate.value = hipe["substrate"]
+        if isinstance(hipe.get("batch_size"), int):
+            self._batch.value = hipe["batch_size"]
+        if "max_depth" in hipe:
+            self._depth.value = int(hipe["max_depth"] or 0)
+        index = score.get("class", score.get("class_index"))
+        names = list(self._target.choices)
+        if isinstance(index, int) and 0 <= index < len(names):
+            self._target.value = names[index]
 
     def _on_model_kind(self, value: str) -> None:
         self._model_file.visible = value == "file"
@@ -285,18 +304,26 @@ class ExplainWidget(Container):
         """The run configuration: the output's resolved config (when the slide came from a
         wsi-hipe output) or the defaults, with the widget's settings on top."""
         from wsi_hipe.config import Config, load_config
+        from wsi_hipe.errors import ConfigError
 
         info = slide_info(slide_layer) or {}
         base = info.get("config")
         overrides = self.overrides()
+        config = None
         if isinstance(base, dict):
             try:
-                return Config.model_validate(base).with_overrides(overrides)
-            except Exception as exc:  # an older output's config: fall back to defaults
+                config = Config.model_validate(base).with_overrides(overrides)
+            except (ConfigError, ValueError) as exc:  # an older output's config
                 logger.warning("ignoring the output's config (%s); using the defaults", exc)
-        if info.get("mpp_override") is not None:
-            overrides["slide.mpp"] = info["mpp_override"]
-        return load_config(overrides=overrides)
+        if config is None:
+            if info.get("mpp_override") is not None:
+                overrides["slide.mpp"] = info["mpp_override"]
+            config = load_config(overrides=overrides)
+        if overrides["hipe.max_depth"] is None and config.hipe.max_depth is not None:
+            # overrides skip None values: "no limit" has to replace the section's value
+            hipe = config.hipe.model_copy(update={"max_depth": None})
+            config = config.model_copy(update={"hipe": hipe})
+        return config
 
     def _load_model(self, spec: str) -> Any:
         model = self._models.get(spec)
