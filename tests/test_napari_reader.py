@@ -99,6 +99,28 @@ def test_reader_declines_real_non_slides(slides_dir):
         assert napari_get_reader(str(slides_dir / name)) is not None, name
 
 
+def test_slide_reader_gives_lazy_levels_of_real_slides(slides_dir):
+    # boxes.tiff: a 300x250 generic TIFF; CMU-1: an Aperio H&E (brightfield) slide, mpp 0.499
+    (data, kwargs, layer_type), = napari_get_reader(str(slides_dir / "boxes.tiff"))(
+        str(slides_dir / "boxes.tiff")
+    )  # fmt: skip
+    assert layer_type == "image" and kwargs["multiscale"]
+    assert data[0].shape == (250, 300) and data[1].shape == (125, 150)
+    info = kwargs["metadata"]["wsi_hipe"]
+    assert info["kind"] == "slide" and info["dimensions"] == (300, 250)
+    scale = kwargs["scale"][0]
+    assert info["levels"][1]["scale"] == pytest.approx([2 * scale] * 2)
+    assert info["levels"][1]["translation"] == pytest.approx([scale / 2] * 2)
+    assert np.isfinite(np.asarray(data[1][:8, :8])).all()
+
+    path = str(slides_dir / "CMU-1-Small-Region.svs")
+    ((data, kwargs, _),) = napari_get_reader(path)(path)
+    assert kwargs["scale"] == pytest.approx((0.499, 0.499))
+    assert kwargs["metadata"]["wsi_hipe"]["allow_brightfield"] is True
+    assert data[0].shape == (2967, 2220) and len(data) == 5  # 2967 / 16 <= 256
+    assert data[0].chunksize == (512, 512)
+
+
 def test_output_layers_carry_the_metadata_transforms(tmp_path):
     from wsi_hipe.omezarr import read_output
 

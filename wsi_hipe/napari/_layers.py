@@ -112,6 +112,7 @@ def slide_layer_data(
     *,
     mpp: float | None = None,
     channel: str | int = "auto",
+    allow_brightfield: bool = False,
     name: str | None = None,
     config: dict[str, Any] | None = None,
 ) -> LayerData:
@@ -123,8 +124,10 @@ def slide_layer_data(
         The slide file.
     mpp : float, optional
         µm per level-0 pixel, overriding the slide's metadata.
-    channel : "auto" or int, optional
+    channel : "auto", "mean" or int, optional
         Stain channel of an RGB(A) slide.
+    allow_brightfield : bool, optional
+        Accept an RGB brightfield slide (inverted) instead of raising StainError.
     name : str, optional
         Layer name (default: the file name).
     config : dict, optional
@@ -135,7 +138,7 @@ def slide_layer_data(
     -------
     (list of dask arrays, dict, "image")
     """
-    pyramid = slide_pyramid(path, mpp=mpp, channel=channel)
+    pyramid = slide_pyramid(path, mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
     height, width = pyramid.levels[0].shape
     info = {
         "kind": "slide",
@@ -144,6 +147,7 @@ def slide_layer_data(
         "mpp_override": mpp if mpp is not None else (None if pyramid.mpp_known else 1.0),
         "mpp_known": pyramid.mpp_known,
         "channel": channel,
+        "allow_brightfield": allow_brightfield,
         "dimensions": (int(width), int(height)),
         "config": config,
         "levels": _level_metadata(list(pyramid.transforms)),
@@ -165,11 +169,20 @@ def slide_layer_data(
 
 def _slide_channel(prov: dict[str, Any]) -> str | int:
     slide = prov.get("slide") if isinstance(prov.get("slide"), dict) else {}
+    if slide.get("stain_mode") == "mean":
+        return "mean"
     channel = slide.get("channel")
     if channel is None:
         config = prov.get("config") if isinstance(prov.get("config"), dict) else {}
         channel = (config.get("slide") or {}).get("channel", "auto")
     return "auto" if channel is None else channel
+
+
+def _brightfield(prov: dict[str, Any]) -> bool:
+    """Whether the run that made an output accepted its slide as (inverted) brightfield."""
+    slide = prov.get("slide") if isinstance(prov.get("slide"), dict) else {}
+    config = prov.get("config") if isinstance(prov.get("config"), dict) else {}
+    return bool(slide.get("brightfield") or (config.get("slide") or {}).get("allow_brightfield"))
 
 
 def _label_colormaps(path: Path) -> dict[str, Any]:
@@ -238,6 +251,7 @@ def output_layer_data(path: str | Path, *, with_slide: bool = True) -> list[Laye
                         slide_file,
                         mpp=view.slide_mpp,
                         channel=_slide_channel(prov),
+                        allow_brightfield=_brightfield(prov),
                         config=config,
                     )
                 )

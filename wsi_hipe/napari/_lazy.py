@@ -132,16 +132,18 @@ _HANDLES: dict[tuple[Any, ...], tuple[Any, threading.Lock]] = {}
 _HANDLES_LOCK = threading.Lock()
 
 
-def _slide_handle(path: str, mpp: float | None, channel: str | int) -> tuple[Any, threading.Lock]:
+def _slide_handle(
+    path: str, mpp: float | None, channel: str | int, allow_brightfield: bool = False
+) -> tuple[Any, threading.Lock]:
     """The cached :class:`wsi_hipe.slide.Slide` for ``path`` in this process, and its lock."""
-    key = (os.getpid(), path, mpp, channel)
+    key = (os.getpid(), path, mpp, channel, allow_brightfield)
     with _HANDLES_LOCK:
         entry = _HANDLES.get(key)
         if entry is None:
             from wsi_hipe.slide import open_slide
 
             logger.debug("opening %s for lazy reads (pid %d)", path, os.getpid())
-            slide = open_slide(path, mpp=mpp, channel=channel)
+            slide = open_slide(path, mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
             entry = (slide, threading.Lock())
             _HANDLES[key] = entry
     return entry
@@ -168,6 +170,7 @@ def read_slide_chunk(
     downsample: int,
     mpp: float | None = None,
     channel: str | int = "auto",
+    allow_brightfield: bool = False,
 ) -> np.ndarray:
     """Read one chunk of a slide level (a pure function of its arguments).
 
@@ -183,15 +186,17 @@ def read_slide_chunk(
         Level-0 pixels per level pixel.
     mpp : float, optional
         µm per level-0 pixel, overriding the slide's metadata (needed when it has none).
-    channel : "auto" or int, optional
+    channel : "auto", "mean" or int, optional
         Stain channel of an RGB(A) slide.
+    allow_brightfield : bool, optional
+        Accept an RGB brightfield slide (inverted), as the run that made an output did.
 
     Returns
     -------
     (height, width) float32 ndarray
         The normalised stain; zero outside the slide.
     """
-    slide, lock = _slide_handle(path, mpp, channel)
+    slide, lock = _slide_handle(path, mpp, channel, allow_brightfield)
     level_mpp = slide.mpp * downsample
     with lock:
         region = slide.read(x0 * downsample, y0 * downsample, width, height, mpp=level_mpp)
@@ -211,6 +216,7 @@ def _chunk_block(
     downsample: int,
     mpp: float | None,
     channel: str | int,
+    allow_brightfield: bool,
 ) -> np.ndarray:
     """Dask block function: the chunk at ``block_id`` of one level."""
     if block_id is None:  # dask probes block functions without a position
@@ -227,6 +233,7 @@ def _chunk_block(
         downsample=downsample,
         mpp=mpp,
         channel=channel,
+        allow_brightfield=allow_brightfield,
     )
 
 
@@ -240,6 +247,7 @@ def slide_pyramid(
     *,
     mpp: float | None = None,
     channel: str | int = "auto",
+    allow_brightfield: bool = False,
     chunk: int = DEFAULT_CHUNK,
     min_size: int = DEFAULT_MIN_SIZE,
 ) -> SlidePyramid:
@@ -256,8 +264,10 @@ def slide_pyramid(
         µm per level-0 pixel, overriding the slide's metadata. When the slide has none and
         none is given, the pyramid is built in level-0 pixels (``mpp = 1``, ``mpp_known``
         False) and a warning is logged.
-    channel : "auto" or int, optional
+    channel : "auto", "mean" or int, optional
         Stain channel of an RGB(A) slide.
+    allow_brightfield : bool, optional
+        Accept an RGB brightfield slide (inverted) instead of raising StainError.
     chunk : int, optional
         Chunk side in pixels of each level (≥ 16).
     min_size : int, optional
@@ -285,14 +295,14 @@ def slide_pyramid(
     path = Path(path)
     mpp_known = True
     try:
-        slide = open_slide(str(path), mpp=mpp, channel=channel)
+        slide = open_slide(str(path), mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
     except MissingMppError:
         logger.warning(
             "%s has no µm/px metadata; showing it in level-0 pixels (pass mpp= to place it in µm)",
             path,
         )
         mpp, mpp_known = 1.0, False
-        slide = open_slide(str(path), mpp=mpp, channel=channel)
+        slide = open_slide(str(path), mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
     try:
         width, height = (int(v) for v in slide.dimensions)
         m0 = float(slide.mpp)
@@ -305,7 +315,7 @@ def slide_pyramid(
         stamp = path.stat().st_mtime_ns
     except OSError:
         stamp = 0
-    token = tokenize(str(path.resolve()), stamp, mpp, channel, chunk)
+    token = tokenize(str(path.resolve()), stamp, mpp, channel, allow_brightfield, chunk)
     levels = []
     transforms = []
     downsample = 1
@@ -324,6 +334,7 @@ def slide_pyramid(
             downsample=downsample,
             mpp=mpp,
             channel=channel,
+            allow_brightfield=allow_brightfield,
         )
         levels.append(level)
         transforms.append(level_transform(m0, downsample))

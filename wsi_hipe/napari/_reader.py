@@ -109,5 +109,16 @@ def read_output(path: str | list[str]) -> list[LayerData]:
 
 
 def read_slide(path: str | list[str]) -> list[LayerData]:
-    """A lazy multiscale image of the slide's stain channel, in µm."""
-    return [slide_layer_data(_one(path))]
+    """A lazy multiscale image of the slide's stain channel, in µm.
+
+    An RGB brightfield slide (which the pipeline refuses unless told otherwise) is shown
+    inverted, as ``slide.allow_brightfield`` would feed it to the model, with a warning.
+    """
+    from wsi_hipe.errors import StainError
+
+    path = _one(path)
+    try:
+        return [slide_layer_data(path)]
+    except StainError as exc:
+        logger.warning("%s; showing it inverted as brightfield", exc)
+        return [slide_layer_data(path, allow_brightfield=True)]

@@ -551,7 +551,10 @@ def _run_explanation(
 
     model = load_model(spec)
     slide = open_slide(
-        info["path"], mpp=info.get("mpp_override"), channel=info.get("channel", "auto")
+        info["path"],
+        mpp=info.get("mpp_override"),
+        channel=info.get("channel", "auto"),
+        allow_brightfield=bool(info.get("allow_brightfield", False)),
     )
     try:
         common = {
