@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-depth", type=int, default=3, help="HiPe depths of the cell run")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it")
     parser.add_argument("--no-cell", action="store_true", help="skip the cell explanation")
+    parser.add_argument("--model", help="model for the cell run (default: the output's run's)")
     args = parser.parse_args(argv)
     if not args.output.exists():
         print(f"{args.output} does not exist: run `wsi-hipe demo` first", file=sys.stderr)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     app = QApplication.instance()
 
     if not args.no_cell:
-        widget.set_settings(max_depth=args.max_depth, batch_size=16)
+        widget.set_settings(max_depth=args.max_depth, batch_size=16, model=args.model)
         widget.explain_cell(y_um, x_um)
         start = time.perf_counter()
         while widget.busy:

@@ -450,7 +450,12 @@ def test_widget_starts_from_the_outputs_configuration(make_napari_viewer, scene,
     from wsi_hipe.config import load_config
 
     run_config = load_config(
-        overrides={"tiling.tile_size": 128, "hipe.substrate": "fade", "hipe.max_depth": 2}
+        overrides={
+            "tiling.tile_size": 128,
+            "hipe.substrate": "fade",
+            "hipe.max_depth": 2,
+            "model.path": str(scene["model"]),
+        }
     ).to_dict()
     output = _write_output(
         tmp_path / "configured.ome.zarr", scene["slide"], scene["truth"], scene["cell"],
@@ -462,6 +467,7 @@ def test_widget_starts_from_the_outputs_configuration(make_napari_viewer, scene,
     layer = widget.slide_layer()
     assert widget._slide.value is layer
     assert widget._substrate.value == "fade" and widget._depth.value == 2  # ...with its settings
+    assert widget.model_spec == str(scene["model"])  # and the run's model
     config = widget.config(layer)
     assert config.tiling.tile_size == 128  # the run's tiling, not the defaults
     assert config.hipe.substrate == "fade" and config.hipe.max_depth == 2

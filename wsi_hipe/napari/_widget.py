@@ -177,6 +177,9 @@ class ExplainWidget(Container):
         viewer.layers.events.inserted.connect(self.reset_choices)
         viewer.layers.events.removed.connect(self.reset_choices)
         viewer.mouse_drag_callbacks.append(self._on_mouse)
+        self.reset_choices()
+        if self._slide.value is not None:  # a slide opened before the widget
+            self._on_slide_changed(self._slide.value)
 
     # --- choices --------------------------------------------------------------------------
 
@@ -199,6 +202,11 @@ class ExplainWidget(Container):
             return
         hipe = config.get("hipe") or {}
         score = config.get("score") or {}
+        model_path = (config.get("model") or {}).get("path")
+        if model_path == "bundled":
+            self._model.value = "bundled"
+        elif model_path and Path(model_path).is_file():
+            self.set_settings(model=model_path)
         if hipe.get("substrate") in SUBSTRATES:
             self._substrate.value = hipe["substrate"]
         if isinstance(hipe.get("batch_size"), int):
