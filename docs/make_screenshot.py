@@ -1,7 +1,7 @@
 """Make ``docs/img/plugin.png``: the napari plugin on the demo output, one cell explained.
 
-Run it after ``wsi-hipe demo`` (which writes ``wsi-hipe-demo/demo.ome.zarr``), under a virtual
-X server when there is no display::
+Run it after ``wsi-hipe demo`` (which writes ``wsi-hipe-demo/demo.ome.zarr``; ``make demo``
+writes ``demo-output/demo.ome.zarr``), under a virtual X server when there is no display::
 
     xvfb-run -a -s "-screen 0 1600x1000x24" env QT_QPA_PLATFORM=xcb \\
         .venv/bin/python docs/make_screenshot.py [wsi-hipe-demo/demo.ome.zarr]
@@ -49,8 +49,8 @@ def _salient_lymphocyte(output: Path) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "output", nargs="?", type=Path, default=Path("wsi-hipe-demo/demo.ome.zarr"),
-        help="a wsi-hipe output (default: the demo's)",
+        "output", nargs="?", type=Path, default=None,
+        help="a wsi-hipe output (default: wsi-hipe-demo/ or demo-output/demo.ome.zarr)",
     )  # fmt: skip
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "img" / "plugin.png")
     parser.add_argument("--field-um", type=float, default=160.0, help="field of view, µm")
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cell", action="store_true", help="skip the cell explanation")
     parser.add_argument("--model", help="model for the cell run (default: the output's run's)")
     args = parser.parse_args(argv)
+    if args.output is None:  # `wsi-hipe demo` writes wsi-hipe-demo/, `make demo` demo-output/
+        candidates = [Path(d) / "demo.ome.zarr" for d in ("wsi-hipe-demo", "demo-output")]
+        args.output = next((c for c in candidates if c.exists()), candidates[0])
     if not args.output.exists():
         print(f"{args.output} does not exist: run `wsi-hipe demo` first", file=sys.stderr)
         return 1
