@@ -478,3 +478,8 @@ def test_widget_starts_from_the_outputs_configuration(make_napari_viewer, scene,
     assert config.score.class_index == 2 and config.tiling.tile_size == 128
     with pytest.raises(ValueError, match="substrate must be one of"):
         widget.set_settings(substrate="zeros")
+    widget._model_file.value = ""  # choosing "file" before a file: a hint, not an error
+    widget._model.value = "file"
+    assert widget._status.value == "choose a model file"
+    with pytest.raises(ValueError, match="does not exist; choose a .safetensors"):
+        widget.explain_cell(*scene["cell_um"])

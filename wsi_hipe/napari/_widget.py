@@ -226,7 +226,11 @@ class ExplainWidget(Container):
         self._update_classes()
 
     def _update_classes(self) -> None:
-        spec = self.model_spec
+        try:
+            spec = self.model_spec
+        except ValueError:  # "file" chosen, no file yet
+            self._status.value = "choose a model file"
+            return
         if spec == "bundled":
             names: tuple[str, ...] = BUNDLED_CLASSES
         else:
