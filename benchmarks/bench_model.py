@@ -12,9 +12,14 @@ floor of the whole pipeline. This script measures, in one run:
 Medians of ``--repeats`` timed calls after warm-up. Absolute times depend on the machine and
 its load (the dev machines share 2 cores between several people): compare rows of one run.
 
+3. With ``--hipe-tiles N``: how often HiPe's maximum (expected lymphocyte area, 96² tiles,
+   ``max_depth=2``) lies on a lymphocyte of a fresh synthetic tile (the hit rate that
+   ``tests/test_bundled_model.py`` checks on 4 tiles), and the forward passes per tile.
+
 Usage::
 
     python benchmarks/bench_model.py [--threads 1 2] [--repeats 20] [--batch 32] [--no-candidates]
+                                     [--hipe-tiles 20]
 """
 
 from __future__ import annotations
@@ -63,6 +68,40 @@ def row(name: str, params: int, single: float, batched: float, batch: int) -> st
     return f"| {name} | {params / 1e6:.2f} M | {single * 1e3:.1f} | {batched * 1e3 / batch:.1f} |"
 
 
+def hipe_hit_rate(model, tiles: int, size: int = 96, seed0: int = 7_000_000) -> None:
+    """Share of fresh synthetic tiles where HiPe's maximum lies on (or 2 px from) a lymphocyte."""
+    import numpy as np
+    from scipy import ndimage
+
+    from wsi_hipe.hipe import hierarchical_perturbation
+    from wsi_hipe.scores import class_area
+    from wsi_hipe.synthetic import render_tile
+
+    score = class_area(model, class_index="lymphocyte")
+    hits, passes, seen = 0, [], 0
+    seed = seed0
+    t0 = time.perf_counter()
+    while seen < tiles:
+        region = render_tile(seed, size)
+        seed += 1
+        if (region.lymphocytes > 0).mean() < 0.05:
+            continue
+        seen += 1
+        result = hierarchical_perturbation(
+            score, torch.from_numpy(region.image)[None], max_depth=2, batch_size=64
+        )
+        saliency = result.saliency.numpy()
+        top = saliency >= saliency.max() * (1 - 1e-6)
+        near = ndimage.binary_dilation(region.lymphocytes > 0, iterations=2)
+        hits += bool(saliency.max() > 0 and near[top].mean() >= 0.5)
+        passes.append(result.forward_passes)
+    print(
+        f"\nHiPe hit rate ({size}² tiles with >= 5 % lymphocyte area, max_depth=2, seeds from "
+        f"{seed0}): {hits}/{tiles} = {hits / tiles:.2f}; forward passes per tile: median "
+        f"{int(np.median(passes))}; {time.perf_counter() - t0:.1f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -70,6 +109,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--no-candidates", action="store_true")
+    parser.add_argument("--hipe-tiles", type=int, default=0, help="also measure the HiPe hit rate")
     args = parser.parse_args()
 
     one = torch.rand(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(0))
@@ -107,6 +147,8 @@ def main() -> None:
             batched = time_calls(model, many, max(3, args.repeats // 5))
             name = f"resnet18 depth {depth}, decoder {list(decoder)}"
             print(row(name, params, single, batched, args.batch), flush=True)
+    if args.hipe_tiles:
+        hipe_hit_rate(bundled, args.hipe_tiles)
 
 
 if __name__ == "__main__":

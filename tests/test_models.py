@@ -395,6 +395,14 @@ def test_devices() -> None:
             resolve_device("cuda")
 
 
+def test_to_keeps_the_input_device_in_step(tiny_ckpt: Path) -> None:
+    model = load_model(tiny_ckpt, device="cpu")
+    assert model.to(torch.float32).device == torch.device("cpu")
+    assert model.to("cpu").device == torch.device("cpu")
+    assert model.cpu() is model
+    assert load_model(model, device="cpu") is model
+
+
 def test_inference_mode_unless_the_input_needs_grad(tiny_ckpt: Path) -> None:
     model = load_model(tiny_ckpt, device="cpu")
     plain = model(_batch())

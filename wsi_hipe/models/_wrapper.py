@@ -149,11 +149,30 @@ class SegmentationModel(nn.Module):
         return 2 ** int(depth) if depth else 1
 
     def to(self, *args: Any, **kwargs: Any) -> SegmentationModel:
-        device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        """Move the network (like ``nn.Module.to``) and make the new device the input device."""
         super().to(*args, **kwargs)
+        device = kwargs.get("device")
+        if device is None:
+            for arg in args:
+                if isinstance(arg, str | torch.device):
+                    device = arg
+                    break
+                if isinstance(arg, torch.Tensor):
+                    device = arg.device
+                    break
         if device is not None:
             self._device = resolve_device(device)
         return self
+
+    def cpu(self) -> SegmentationModel:
+        """Move to the CPU."""
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> SegmentationModel:
+        """Move to a CUDA device (default: the current one)."""
+        if device is None:
+            return self.to("cuda")
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device)
 
     def extra_repr(self) -> str:
         return (
