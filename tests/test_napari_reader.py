@@ -119,6 +119,14 @@ def test_slide_reader_gives_lazy_levels_of_real_slides(slides_dir):
     assert kwargs["metadata"]["wsi_hipe"]["allow_brightfield"] is True
     assert data[0].shape == (2967, 2220) and len(data) == 5  # 2967 / 16 <= 256
     assert data[0].chunksize == (512, 512)
+    # Lazy: a level is 6 x 5 chunk reads, and a small window needs only the chunk under it.
+    import dask
+
+    assert data[0].numblocks == (6, 5)
+    (window,) = dask.optimize(data[0][1000:1010, 600:610])
+    reads = [k for k in dict(window.__dask_graph__()) if "wsi-hipe-slide" in str(k)]
+    assert len(reads) == 1
+    assert window.compute().shape == (10, 10)
 
 
 def test_output_layers_carry_the_metadata_transforms(tmp_path):
