@@ -368,3 +368,55 @@ def test_model_from_file_is_identified_by_hash(tmp_path, slide, cfg):
     from wsi_hipe.models import file_sha256
 
     assert prov["model"]["sha256"] == file_sha256(path)
+
+
+def _bundled_or_skip():
+    from wsi_hipe.errors import CheckpointError
+    from wsi_hipe.models import bundled_model_path
+
+    try:
+        bundled_model_path()
+    except CheckpointError:
+        pytest.skip("the bundled model weights are not in this checkout yet")
+
+
+@pytest.mark.slow
+def test_end_to_end_saliency_points_at_lymphocytes(tmp_path):
+    """Synthetic slide → bundled U-Net → HiPe: each tile's saliency peak lies on a lymphocyte."""
+    _bundled_or_skip()
+    import tifffile
+    from scipy import ndimage
+
+    from wsi_hipe.metrics import pointing_game
+    from wsi_hipe.synthetic import write_slide
+
+    written = write_slide(tmp_path / "s.tiff", size=(256, 256), seed=11, tile_size=128)
+    lymph = tifffile.imread(written.ground_truth["lymphocytes"]) > 0
+    cfg = load_config(
+        overrides={
+            "tiling.tile_size": 128,
+            "tiling.halo": 32,
+            "tiling.min_tissue": 0.0,
+            "score.floor": 5.0,
+            "hipe.start_grid": 8,
+            "hipe.max_depth": 2,
+        }
+    )
+    out = tmp_path / "s.ome.zarr"
+    result = pipeline.explain_slide(written.path, out, config=cfg, model="bundled")
+    assert result.ok
+    view = read_output(out)
+    sal = np.asarray(view.saliency[0])
+    hits, chance, played = 0, 0.0, 0
+    for tile in view.tiles:
+        y, x = tile["y"], tile["x"]
+        gt = lymph[y : y + 128, x : x + 128]
+        if tile["status"] != "done" or gt.sum() < 20:
+            continue
+        played += 1
+        hits += pointing_game(sal[y : y + 128, x : x + 128], gt, tolerance=4).hit
+        chance += (ndimage.distance_transform_edt(~gt) <= 4).mean()
+    assert played >= 2
+    rate, chance = hits / played, chance / played
+    print(f"pointing hit rate {rate:.2f} over {played} tiles (chance {chance:.2f})")
+    assert rate >= 0.5 and rate > chance

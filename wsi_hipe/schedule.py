@@ -284,9 +284,17 @@ class TaskRunner:
             from distributed import Client
 
             self._client = Client(self.address)
-            n = len(self._client.scheduler_info().get("workers", {}))
+            workers = self._client.scheduler_info().get("workers", {})
+            n = len(workers)
             if n:
                 self.workers = n
+            if self.gpu and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
+                logger.warning(
+                    "no worker of %s offers a 'GPU' resource (start them with "
+                    "--resources GPU=1); tasks are submitted without resource restrictions",
+                    self.address,
+                )
+                self.gpu = False
             logger.info("joined the Dask cluster at %s (%d workers)", self.address, n)
         self._started = True
         return self
