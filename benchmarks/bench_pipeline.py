@@ -6,7 +6,8 @@
     - *pipeline*: tissue tiles only, HiPe skipped below the score floor (the configuration
       given, default the demo's);
     - *naive* (the HiPe authors' behaviour): the same HiPe settings on every tile of the grid
-      (``tiling.min_tissue = 0``) and no score floor (``score.floor = 0``).
+      (``tiling.min_tissue = 0``), no score floor (``score.floor = 0``) and no early stop
+      (``hipe.early_stop = False``: the authors' code refines flat maps to the last depth).
 
     Reports forward passes, wall time and their ratios. Slides: ``dense`` (``write_slide``, the
     demo slide, tissue almost everywhere) and ``sparse`` (the same kind of tissue in a patch of
@@ -188,7 +189,9 @@ def bench_passes(args) -> list[dict]:
     torch.set_num_threads(1)
     overrides = dict(DEMO_OVERRIDES)
     cfg = load_config(args.config, overrides if args.config is None else None)
-    naive_cfg = cfg.with_overrides({"tiling.min_tissue": 0.0, "score.floor": 0.0})
+    naive_cfg = cfg.with_overrides(
+        {"tiling.min_tissue": 0.0, "score.floor": 0.0, "hipe.early_stop": False}
+    )
     model = _model(args.model)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:

@@ -83,6 +83,15 @@ def test_flags_override_the_config_file_and_mismatch_is_refused(workdir, tmp_pat
     assert read_output(out).provenance["config"]["score"]["floor"] == 2.0
 
 
+def test_workers_flag_alone_asks_for_a_local_cluster():
+    from wsi_hipe.cli import _load_config
+
+    assert _load_config(None, {"schedule.workers": 3}).schedule.scheduler == "local:3"
+    assert _load_config(None, {"schedule.workers": 1}).schedule.scheduler == "sync"
+    both = _load_config(None, {"schedule.workers": 2, "schedule.scheduler": "threads"})
+    assert both.schedule.scheduler == "threads"
+
+
 def test_bad_config_names_the_key(workdir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("tiling: {tile_size: 250}\n")

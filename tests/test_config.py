@@ -123,6 +123,7 @@ def test_fingerprint_tracks_results_not_scheduling():
         {"score.class": 2},
         {"hipe.max_depth": 2},
         {"hipe.substrate": "fade"},
+        {"hipe.early_stop": False},
         {"slide.mpp": 0.25},
         {"output.ngff": "0.5"},
     ]

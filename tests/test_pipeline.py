@@ -348,6 +348,21 @@ def test_explain_cell_without_a_cell_says_so(model, cfg):
         pipeline.explain_cell(dark, 64, 64, config=cfg, model=model)
 
 
+def test_early_stop_off_refines_flat_tiles_like_the_authors(model, cfg):
+    flat = open_slide(ArrayReader(np.full((128, 128), 0.3, np.float32), mpp=0.5))
+    on = pipeline.explain_region(flat, 32, 32, 64, 64, config=cfg, model=model)
+    off = pipeline.explain_region(
+        flat, 32, 32, 64, 64, config=cfg.with_overrides({"hipe.early_stop": False}), model=model
+    )
+    # A flat input under the mean substrate changes the score only by float rounding: a
+    # ~zero map either way, but the authors' rule perturbs every window at every depth.
+    assert on.saliency.max() < 1e-3 and off.saliency.max() < 1e-3
+    assert on.tiles[0]["status"] == off.tiles[0]["status"] == "done"
+    assert on.forward_passes == 1 + 1 + 25  # segmentation, clean pass, depth 1 (5x5 windows)
+    # ... and goes on to depth 2 (up to 9x9 windows, chosen by thresholding rounding noise).
+    assert 1 + 1 + 25 + 9 <= off.forward_passes <= 1 + 1 + 25 + 81
+
+
 def test_should_stop_interrupts_region(slide, model, cfg):
     calls = []
 

@@ -114,13 +114,13 @@ def slide_file(tmp_path_factory):
 
 
 def test_output_identical_whatever_the_scheduler(tmp_path, slide_file):
-    """sync vs threads vs a 2-process LocalCluster: bit-identical arrays and tile records."""
+    """sync vs threads vs processes vs a 2-process LocalCluster: bit-identical output."""
     model = save_tiny_model(tmp_path / "tiny.pt")
     cfg = load_config(
         overrides={**SMALL, "hipe.max_depth": 2, "hipe.start_grid": 4, "model.path": str(model)}
     )
     views = {}
-    for spec in ("sync", "threads", "local:2"):
+    for spec in ("sync", "threads", "processes", "local:2"):
         out = tmp_path / f"{spec.replace(':', '')}.ome.zarr"
         result = pipeline.explain_slide(
             slide_file, out, config=cfg.with_overrides({"schedule.workers": 2}), scheduler=spec

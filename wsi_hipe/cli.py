@@ -240,7 +240,13 @@ def _load_config(config: Path | None, overrides: dict[str, Any]):
     from wsi_hipe.config import load_config
 
     with _errors():
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
+    # "--workers N" alone asks for N workers: a LocalCluster (the config's sync default has one).
+    workers = overrides.get("schedule.workers")
+    if workers and workers > 1 and "schedule.scheduler" not in overrides:
+        if cfg.schedule.scheduler == "sync":
+            cfg = cfg.with_overrides({"schedule.scheduler": f"local:{workers}"})
+    return cfg
 
 
 def _print_result(result: Any) -> None:

@@ -193,6 +193,10 @@ class HipeConfig(_Section):
     start_grid : int or None
         Cells per side at depth 1 (None: the authors' rule, 2·⌊⌈log2 m⌉/2⌋ for an m px
         tile). A coarser start (e.g. 4) perturbs fewer windows at depth 1.
+    early_stop : bool
+        Stop refining when no perturbation of a depth moves the score (a flat model, e.g. on
+        an empty tile). False reproduces the authors' code, which refines regardless (used as
+        the naive baseline in ``benchmarks/bench_pipeline.py``).
     """
 
     substrate: Literal["mean", "fade", "blur", "noise"] = "mean"
@@ -201,6 +205,7 @@ class HipeConfig(_Section):
     max_depth: int | None = Field(default=None, ge=1)
     min_cell_size: int = Field(default=4, ge=1)
     start_grid: int | None = Field(default=None, ge=1)
+    early_stop: bool = True
 
 
 class OutputConfig(_Section):

@@ -647,6 +647,8 @@ def _tile_spec(cfg: Config, model_ref: _ModelRef) -> _TileSpec:
             "max_depth": h.max_depth,
             "min_cell_size": h.min_cell_size,
             "start_grid": h.start_grid,
+            # The authors' code never stops early: a score floor of -inf disables the stop.
+            **({} if h.early_stop else {"stop_rtol": 0.0, "stop_atol": -math.inf}),
         },
     )
 
@@ -974,7 +976,7 @@ def explain_region(
     *,
     config: Config | str | os.PathLike | Mapping | None = None,
     model: Any = None,
-    score: str = "area",
+    score: str | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RegionResult:
@@ -990,10 +992,10 @@ def explain_region(
         target px, ``s = tiling.mpp / slide.mpp``.
     config, model
         As for :func:`explain_slide` (``schedule`` is ignored: regions run here).
-    score : {"area", "mean", "logit"}
-        The tile score (``score.kind`` of ``config`` is replaced by it); the region is tiled
-        exactly like a slide (cores of ``tiling.tile_size`` with their halo), each tile's score
-        restricted to its core, and the score floor applies.
+    score : {"area", "mean", "logit"}, optional
+        The tile score; default ``config.score.kind`` (``"area"``: expected lymphocyte area in
+        the core). The region is tiled exactly like a slide (cores of ``tiling.tile_size`` with
+        their halo), each tile's score restricted to its core, and the score floor applies.
     progress : callable, optional
         ``progress(done, total)``, in hundredths of a tile, during HiPe.
     should_stop : callable, optional
@@ -1012,7 +1014,7 @@ def explain_region(
     if not (width > 0 and height > 0):
         raise ValueError(f"width and height must be > 0 level-0 px, got {width}, {height}")
     cfg = _config_of(config)
-    if score != cfg.score.kind:
+    if score is not None and score != cfg.score.kind:
         cfg = cfg.with_overrides({"score.kind": score})
     cfg, slide_obj, opened_here, model_obj, spec = _region_setup(slide, cfg, model)
     try:
