@@ -76,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
+    # Cheapest first, so the log holds complete rows early if a long run is cut short.
+    cost = {"gradient": 0, "integrated_gradients": 1, "hipe": 2, "occlusion": 3, "rise": 4}
     methods = [
         {"name": m.name, "method": m.method, "options": dict(m.options)}
-        for m in DEFAULT_METHODS
+        for m in sorted(DEFAULT_METHODS, key=lambda m: cost.get(m.method, 9))
         if not (args.no_rise_8000 and m.name == "rise 8000")
     ]
     overrides = {
