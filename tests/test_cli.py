@@ -278,3 +278,23 @@ def test_demo_wiring_on_a_small_slide(workdir, tmp_path):
     assert (out / "demo_slide.tiff").is_file() and (out / "overview.png").is_file()
     assert read_output(out / "demo.ome.zarr").finalized
     assert str(out / "overview.png") in result.stdout
+
+
+def test_evaluate_command_writes_tables(workdir, tmp_path):
+    out = tmp_path / "eval"
+    sets = [
+        "device=cpu",
+        "tiles.n=1",
+        "tiles.size=32",
+        "metrics.step_fraction=0.25",
+        "methods=[{name: rise 8, method: rise, options: {n_masks: 8, grid: 4}}]",
+    ]
+    args = ["evaluate", "--out", out, "--model", workdir / "tiny.pt"]
+    for item in sets:
+        args += ["--set", item]
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "rise 8" in result.stdout
+    assert (out / "settings.json").is_file()
+    bad = _invoke("evaluate", "--out", out, "--set", "tiles.n")
+    assert bad.exit_code != 0

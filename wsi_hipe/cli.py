@@ -1,4 +1,4 @@
-"""The ``wsi-hipe`` command line: run, batch, demo, synth, view.
+"""The ``wsi-hipe`` command line: run, batch, demo, synth, view, evaluate.
 
 This is the only module that configures logging (console and ``OUT.ome.zarr/wsi_hipe/run.log``)
 and draws progress bars; everything it does goes through :mod:`wsi_hipe.pipeline`.
@@ -464,6 +464,10 @@ def demo(
 
     width, height = _parse_size(size)
     overrides = {} if config is not None else dict(DEMO_OVERRIDES)
+    if config is None and scheduler is None:
+        # One tile per core, one torch thread each (identical results to any scheduler).
+        overrides["schedule.scheduler"] = "threads"
+        overrides["schedule.workers"] = max(1, min(4, os.cpu_count() or 1))
     overrides.update(_overrides(model=model, scheduler=scheduler, workers=workers))
     cfg = _load_config(config, overrides)
     out.mkdir(parents=True, exist_ok=True)
@@ -533,6 +537,44 @@ def view(
         raise _fail(f"napari is not installed ({exc}); pip install 'wsi-hipe[napari]'") from None
     with _errors():
         napari_view(path)
+
+
+@app.command()
+def evaluate(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="configs/evaluate.yaml or similar.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results folder.")] = Path(
+        "evaluate-results"
+    ),
+    model: ModelOpt = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="KEY=VALUE override, e.g. --set tiles.n=2 (repeatable)."),
+    ] = None,
+) -> None:
+    """Score HiPe against the baselines on synthetic tiles (wsi_hipe.evaluation)."""
+    import json
+
+    import yaml
+
+    from wsi_hipe.evaluation import run_evaluation
+
+    overrides: dict[str, Any] = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set expects KEY=VALUE (e.g. tiles.n=2), got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    with _errors():
+        result = run_evaluation(config, model=model, overrides=overrides)
+        paths = result.save(out)
+    (out / "settings.json").write_text(
+        json.dumps(result.settings, indent=2, default=str), encoding="utf-8"
+    )
+    typer.echo(result.to_markdown())
+    for path in paths.values():
+        typer.echo(str(path))
 
 
 def main(argv: list[str] | None = None) -> None:
