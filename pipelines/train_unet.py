@@ -550,7 +550,10 @@ nucleus, so all nuclei = p(lymphocyte) + p(nucleus).
 - Real BBBC039v1 Hoechst images (U2OS cells, CC0, Broad Bioimage Benchmark Collection):
   {training["data"]["bbbc039_note"]}. Training images: {len(training["data"]["bbbc039_train"])}.
 - Augmentation: random gain, offset, gamma, Gaussian noise, blur, flips, 90° rotations.
-- {training["steps"]} steps in {training["train_seconds"]:.0f} s on {training["threads"]} CPU thread(s), torch {training["torch"]}.
+- {training["steps"]} steps, {training.get("train_cpu_seconds", float("nan")):.0f} s of CPU time ({training["train_seconds"]:.0f} s wall on a
+  machine shared with other jobs), {training["threads"]} torch thread(s), torch {training["torch"]}, seed
+  {training["config"]["seed"]}. Batch {training["config"]["train"]["batch_size"]} crops of {training["config"]["train"]["crop"]} px, AdamW, cosine learning rate,
+  cross-entropy + soft Dice.
 
 ## Held-out results
 
@@ -592,6 +595,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
+        "--rewrite-card",
+        action="store_true",
+        help="only rewrite MODEL_CARD.md in --out from the checkpoint's sidecar, no training",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -622,6 +630,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides["seed"] = args.seed
     cfg = load_train_config(args.config, overrides)
     out_dir = args.out if args.out is not None else REPO / cfg.out
+    if args.rewrite_card:
+        weights = out_dir / BUNDLED_MODEL_NAME
+        side = json.loads(weights.with_suffix(".json").read_text())
+        write_model_card(
+            out_dir / "MODEL_CARD.md",
+            arch=side["architecture"],
+            metrics=side["metrics"],
+            training=side["training"],
+            weights=weights,
+        )
+        return 0
     train(cfg, out_dir)
     return 0
 

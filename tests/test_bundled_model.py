@@ -41,17 +41,23 @@ def model():
     return load_model(device="cpu")
 
 
-def _fresh_tiles(size: int, count: int, min_lymph: float = 0.03) -> list:
+def _fresh_tiles(
+    size: int, count: int, min_lymph: float = 0.03, max_lymph: float = 1.0, min_other: float = 0.0
+) -> list:
+    """The first ``count`` fresh synthetic tiles whose lymphocyte area fraction lies in
+    ``[min_lymph, max_lymph]`` and whose other nuclei cover at least ``min_other``."""
     from wsi_hipe.synthetic import render_tile
 
     tiles = []
-    for seed in range(FRESH_SEED, FRESH_SEED + 40 * count):
+    for seed in range(FRESH_SEED, FRESH_SEED + 50 * count):
         region = render_tile(seed, size)
-        if (region.lymphocytes > 0).mean() >= min_lymph:
+        lymph = float((region.lymphocytes > 0).mean())
+        other = float(region.nuclei.mean()) - lymph
+        if min_lymph <= lymph <= max_lymph and other >= min_other:
             tiles.append(region)
             if len(tiles) == count:
                 return tiles
-    pytest.fail(f"fewer than {count} synthetic tiles with lymphocytes among {40 * count} seeds")
+    pytest.fail(f"fewer than {count} suitable synthetic tiles among {50 * count} seeds")
 
 
 def test_bundled_files_and_provenance(model) -> None:
@@ -115,12 +121,18 @@ def test_bundled_nuclei_on_held_out_bbbc039(model, nuclei_dir: Path) -> None:
 
 
 def test_hipe_maximum_lies_on_a_lymphocyte(model) -> None:
-    """HiPe of the expected lymphocyte area points at a lymphocyte on most small tiles."""
+    """HiPe of the expected lymphocyte area points at a lymphocyte, not at the other nuclei.
+
+    Tiles with a few lymphocytes (3-15 % of the area) among other nuclei (>= 10 %): the
+    maximum of the map must lie on (within 2 px of) a lymphocyte on most of them. (On tiles
+    packed with lymphocytes every region matters and a pixel-level hit is near chance; see
+    ``benchmarks/bench_model.py --hipe-tiles``.)
+    """
     from scipy import ndimage
 
     from wsi_hipe.hipe import hierarchical_perturbation
 
-    tiles = _fresh_tiles(96, 4, min_lymph=0.05)
+    tiles = _fresh_tiles(96, 4, min_lymph=0.03, max_lymph=0.15, min_other=0.10)
     score = class_area(model, class_index="lymphocyte")
     hits = []
     for tile in tiles:
