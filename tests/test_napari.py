@@ -483,3 +483,28 @@ def test_widget_starts_from_the_outputs_configuration(make_napari_viewer, scene,
     assert widget._status.value == "choose a model file"
     with pytest.raises(ValueError, match="does not exist; choose a .safetensors"):
         widget.explain_cell(*scene["cell_um"])
+
+
+def test_model_stack_imports_after_the_opengl_context():
+    # Triton bundles its own LLVM; loading it after Mesa's llvmpipe (Xvfb) mapped the system
+    # LLVM segfaults. torchvision (imported by segmentation-models-pytorch) imports triton
+    # through torch._dynamo, i.e. at the first model load inside napari. The plugin package
+    # keeps the two apart (see wsi_hipe.napari._avoid_llvm_clash).
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: nothing can clash")
+    code = (
+        "import numpy as np, napari\n"
+        "viewer = napari.Viewer(show=True)\n"
+        "viewer.add_image(np.zeros((8, 8)))\n"
+        "viewer.screenshot()\n"
+        "import wsi_hipe.napari\n"
+        "import torchvision.ops\n"
+        "print('model stack imported')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "model stack imported" in out.stdout

@@ -6,13 +6,57 @@ This package is the only part of wsi-hipe that imports napari or Qt, and it does
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 __all__ = ["view", "PLUGIN_NAME"]
 
+logger = logging.getLogger(__name__)
+
 #: The npe2 plugin name (the distribution name).
 PLUGIN_NAME = "wsi-hipe"
+
+
+def _system_llvm_loaded() -> bool:
+    """True when a shared LLVM library is mapped into this process (Linux; else False)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return any("libLLVM" in line for line in maps)
+    except OSError:
+        return False
+
+
+def _avoid_llvm_clash() -> None:
+    """Keep triton's LLVM and Mesa's LLVM from meeting in one process.
+
+    Triton (torch's compiler backend, installed with CUDA builds of torch) bundles its own
+    LLVM. Loading it into a process where Mesa's software OpenGL (llvmpipe: Xvfb, remote
+    desktops, machines without a GPU driver) has already mapped the system LLVM crashes the
+    process with a segmentation fault; loading triton first is fine. torch imports triton
+    lazily (e.g. when segmentation-models-pytorch imports torchvision), which inside napari
+    happens after the OpenGL context exists. So: when this package is imported before any
+    LLVM is mapped (``view()``, scripts, the test suite), import triton now; when the system
+    LLVM is already there, make ``import triton`` fail cleanly, so torch runs without it
+    (inference needs no compiler).
+    """
+    if "triton" in sys.modules:
+        return
+    if importlib.util.find_spec("triton") is None:
+        return
+    if _system_llvm_loaded():
+        sys.modules["triton"] = None  # type: ignore[assignment]
+        logger.info("OpenGL's LLVM is loaded: running torch without triton in this process")
+        return
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken triton install: torch will not use it either
+        logger.debug("triton failed to import (%s)", exc)
+
+
+_avoid_llvm_clash()
 
 
 def view(
