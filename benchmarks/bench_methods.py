@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-fraction", type=float, default=0.01)
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--target",
+        choices=("tile", "cell"),
+        default="tile",
+        help="explain the tile's lymphocyte area, or one lymphocyte's (a sparse target)",
+    )
     parser.add_argument("--no-rise-8000", action="store_true", help="skip the slowest row")
     parser.add_argument("--out", type=Path, default=None, help="folder for md/csv/json")
     args = parser.parse_args(argv)
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     overrides = {
         "model": args.model,
+        "target": args.target,
         "device": args.device,
         "threads": args.threads,
         "batch_size": args.batch_size,
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = "python benchmarks/bench_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = [
-        f"`{cmd.strip()}` — {args.tiles} synthetic tile(s) of {args.size}² px "
+        f"`{cmd.strip()}` — target {args.target}, {args.tiles} synthetic tile(s) of {args.size}² px "
         f"({', '.join(result.settings['samples'])}), device {result.settings['device']}, "
         f"{args.threads} torch thread(s), batch {args.batch_size}, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, model sha256 {str(result.settings.get('model_sha256'))[:12]}; "

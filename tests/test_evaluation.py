@@ -19,6 +19,7 @@ from wsi_hipe.evaluation import (
     EvaluationConfig,
     MethodSpec,
     Sample,
+    centre_cell,
     evaluate_samples,
     load_evaluation_config,
 )
@@ -111,6 +112,31 @@ def test_evaluate_samples_input_errors():
         evaluate_samples(detector, [blob_sample(0)], methods=[METHODS[2], METHODS[2]])
     with pytest.raises(ValueError, match="not one of"):
         MethodSpec("x", "lime")
+
+
+def test_per_sample_forward_and_centre_cell():
+    sample = blob_sample(0)
+    labels = np.zeros((9, 9), np.int32)
+    labels[0:2, 0:2] = 5
+    labels[4:6, 3:6] = 7  # centroid (4.5, 4) is nearest the centre (4, 4)
+    labels[8, 8] = 2
+    assert centre_cell(labels) == 7
+    with pytest.raises(ValueError, match="no instance"):
+        centre_cell(np.zeros((3, 3), np.int32))
+    label = centre_cell(sample.ground_truth)
+    gt = (sample.ground_truth == label).astype(np.int32)
+    weight = torch.from_numpy(gt.astype(np.float32))
+
+    def one_cell(batch):
+        return (torch.relu(batch - 0.3)[:, 0] * weight).sum(dim=(1, 2))
+
+    cell = Sample("one cell", sample.x, gt, forward=one_cell)
+    res = evaluate_samples(None, [cell], methods=METHODS[2:], step_fraction=0.1)
+    # The gradient of the one-cell score is exactly that cell: a perfect map.
+    assert res.summary[0]["relevance_mass"] == pytest.approx(1.0)
+    assert res.records[0]["clean_score"] == pytest.approx(9 * 0.7)
+    with pytest.raises(ValueError, match="forward is None"):
+        evaluate_samples(None, [sample], methods=METHODS[2:])
 
 
 def test_config_file_loads_and_errors_name_the_key(tmp_path):
@@ -206,3 +232,26 @@ def test_pipeline_script_writes_tables(tmp_path, capsys):
         "settings.json",
     }
     assert script.main(["--set", "tiles.nope=1", "--out", str(out)]) == 2
+
+
+def test_run_evaluation_cell_target_tiny():
+    pytest.importorskip("wsi_hipe.synthetic")
+    from wsi_hipe import evaluation
+    from wsi_hipe.models import build_unet
+
+    torch.manual_seed(0)
+    net = build_unet(encoder_depth=3, decoder_channels=(16, 8, 8)).eval()
+    res = evaluation.run_evaluation(
+        model=net,
+        overrides={
+            "device": "cpu",
+            "target": "cell",
+            "tiles.n": 1,
+            "tiles.size": 32,
+            "metrics.step_fraction": 0.25,
+            "methods": [{"name": "rise 8", "method": "rise", "options": {"n_masks": 8}}],
+        },
+    )
+    record = res.records[0]
+    assert " cell " in record["sample"] and record["forward_passes"] == 8
+    assert record["clean_score"] > 0

@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ __all__ = [
     "EvaluationResult",
     "MethodSpec",
     "Sample",
+    "centre_cell",
     "evaluate_samples",
     "load_evaluation_config",
     "run_evaluation",
@@ -124,11 +125,15 @@ class Sample:
         The model input.
     ground_truth : (H, W) int ndarray
         Instance labels of what the score is about (0 = none), e.g. lymphocytes.
+    forward : callable, optional
+        This sample's own scalar score (e.g. the area of one cell); None = the ``forward``
+        given to :func:`evaluate_samples`.
     """
 
     name: str
     x: torch.Tensor
     ground_truth: np.ndarray
+    forward: Forward | None = None
 
 
 @dataclass
@@ -251,7 +256,7 @@ def _with_batch_size(spec: MethodSpec, batch_size: int) -> dict[str, Any]:
 
 
 def evaluate_samples(
-    forward: Forward,
+    forward: Forward | None,
     samples: Sequence[Sample],
     *,
     methods: Sequence[MethodSpec] = DEFAULT_METHODS,
@@ -268,8 +273,9 @@ def evaluate_samples(
 
     Parameters
     ----------
-    forward : callable
-        ``(B, C, H, W)`` → ``(B,)`` scalar score (differentiable, for the gradient methods).
+    forward : callable or None
+        ``(B, C, H, W)`` → ``(B,)`` scalar score (differentiable, for the gradient methods);
+        None when every sample carries its own ``Sample.forward``.
     samples : sequence of Sample
         Inputs on the device ``forward`` expects, with ground-truth instance labels.
     methods : sequence of MethodSpec
@@ -297,13 +303,15 @@ def evaluate_samples(
         raise ValueError("samples is empty: give at least one sample to evaluate")
     if not methods:
         raise ValueError("methods is empty: give at least one MethodSpec")
+    if forward is None and any(sample.forward is None for sample in samples):
+        raise ValueError("forward is None but some samples have no Sample.forward of their own")
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique, got {names}")
     # Warm-up (not counted, not timed): the first call of a model pays one-off costs
     # (allocator, thread pools, cuDNN autotuning) that would bias the first method's time.
     with torch.no_grad():
-        forward(samples[0].x[None])
+        (samples[0].forward if samples[0].forward is not None else forward)(samples[0].x[None])
     records: list[dict[str, Any]] = []
     curves: dict[str, list] = {m.name: [] for m in methods}
     maps: dict[str, list] = {m.name: [] for m in methods}
@@ -312,10 +320,11 @@ def evaluate_samples(
         for i, sample in enumerate(samples):
             if progress is not None:
                 progress(spec.name, i, len(samples))
-            res = baselines.explain(spec.method, forward, sample.x, **options)
+            score = sample.forward if sample.forward is not None else forward
+            res = baselines.explain(spec.method, score, sample.x, **options)
             sal = res.saliency.numpy()
             ins, dele = metrics.insertion_deletion(
-                forward,
+                score,
                 sample.x,
                 sal,
                 insertion_substrate=insertion_substrate,
@@ -496,6 +505,11 @@ class EvaluationConfig(_Section):
         Model spec for :func:`wsi_hipe.models.load_model` (``"bundled"`` or a file).
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    target : {'tile', 'cell'}
+        ``"tile"``: explain the expected class area of the whole tile, GT = every lymphocyte;
+        ``"cell"``: explain the expected class area of one lymphocyte (the one nearest the tile
+        centre, :func:`wsi_hipe.scores.cell_area`), GT = that cell only. A tile-level score of
+        a lymphocyte-rich tile is salient almost everywhere; one cell is a sparse target.
     class_index : int or str
         The class whose expected area is explained (1 / ``"lymphocyte"``).
     batch_size : int
@@ -508,6 +522,7 @@ class EvaluationConfig(_Section):
 
     model: str = "bundled"
     device: str = "auto"
+    target: Literal["tile", "cell"] = "tile"
     class_index: int | str = 1
     batch_size: int = Field(32, ge=1)
     threads: int | None = Field(None, ge=1)
@@ -579,6 +594,31 @@ def load_evaluation_config(
         raise ConfigError(f"invalid evaluation config ({source}): {problems}") from None
 
 
+def centre_cell(labels: np.ndarray) -> int:
+    """Label of the instance whose centroid lies nearest the centre of ``labels`` (H, W)."""
+    from scipy import ndimage
+
+    ids = np.unique(labels[labels > 0])
+    if ids.size == 0:
+        raise ValueError("no instance in the label image: cannot choose a cell")
+    centres = np.asarray(ndimage.center_of_mass(labels > 0, labels, ids)).reshape(-1, 2)
+    mid = (np.asarray(labels.shape) - 1) / 2.0
+    return int(ids[np.argmin(((centres - mid) ** 2).sum(axis=1))])
+
+
+def _cell_sample(sample: Sample, model: Any, class_index: int | str) -> Sample:
+    from wsi_hipe.scores import cell_area
+
+    label = centre_cell(sample.ground_truth)
+    gt = (sample.ground_truth == label).astype(np.int32)
+    return Sample(
+        name=f"{sample.name} cell {label}",
+        x=sample.x,
+        ground_truth=gt,
+        forward=cell_area(model, gt.astype(bool), class_index=class_index),
+    )
+
+
 def run_evaluation(
     config: EvaluationConfig | str | Path | None = None,
     *,
@@ -591,8 +631,9 @@ def run_evaluation(
 
     Loads the model (``config.model``, or ``model`` when given: anything
     :func:`wsi_hipe.models.load_model` accepts), explains the expected lymphocyte area
-    (:func:`wsi_hipe.scores.class_area`) of ``config.tiles.n`` synthetic tiles with every
-    configured method and scores the maps against the lymphocyte instances.
+    (:func:`wsi_hipe.scores.class_area`) of ``config.tiles.n`` synthetic tiles - or of one
+    lymphocyte per tile with ``target: cell`` - with every configured method and scores the
+    maps against the lymphocyte instances (or that cell).
 
     Returns
     -------
@@ -618,6 +659,8 @@ def run_evaluation(
         min_lymphocytes=config.tiles.min_lymphocytes,
         device=net.device,
     )
+    if config.target == "cell":
+        samples = [_cell_sample(s, net, config.class_index) for s in samples]
     m = config.metrics
     result = evaluate_samples(
         forward,
