@@ -3,11 +3,11 @@
 HiPe calls the model hundreds of times per tile, so the cost of one 256² forward pass is the
 floor of the whole pipeline. This script measures, in one run:
 
-1. The bundled model as ``load_model()`` returns it (batch norm folded into the convolutions)
-   and unfolded, for each thread count: one 256² tile per call, and a batch of 32 (time per
-   tile).
-2. Candidate architectures (random weights, same code path) for the record of why this size
-   was chosen: smp U-Net with a ResNet-18 encoder at several depths / decoder widths.
+1. The bundled model as ``load_model()`` returns it (batch norm folded into the convolutions,
+   channels-last memory format), and without those two optimisations, for each thread count
+   and batch size: milliseconds per 256² tile.
+2. Candidate architectures (random weights, folded, channels-last) for the record of why this
+   size was chosen: smp U-Net with a ResNet-18 encoder at several depths / decoder widths.
 
 Medians of ``--repeats`` timed calls after warm-up. Absolute times depend on the machine and
 its load (the dev machines share 2 cores between several people): compare rows of one run.
@@ -18,7 +18,7 @@ its load (the dev machines share 2 cores between several people): compare rows o
 
 Usage::
 
-    python benchmarks/bench_model.py [--threads 1 2] [--repeats 20] [--batch 32] [--no-candidates]
+    python benchmarks/bench_model.py [--threads 1 2] [--repeats 20] [--batch 1 4 32] [--no-candidates]
                                      [--hipe-tiles 20]
 """
 
@@ -64,8 +64,9 @@ def time_calls(model, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def row(name: str, params: int, single: float, batched: float, batch: int) -> str:
-    return f"| {name} | {params / 1e6:.2f} M | {single * 1e3:.1f} | {batched * 1e3 / batch:.1f} |"
+def row(name: str, params: int, times: list[float], batches: list[int]) -> str:
+    cells = " | ".join(f"{t * 1e3 / b:.1f}" for t, b in zip(times, batches, strict=True))
+    return f"| {name} | {params / 1e6:.2f} M | {cells} |"
 
 
 def hipe_hit_rate(model, tiles: int, size: int = 96, seed0: int = 7_000_000) -> None:
@@ -124,47 +125,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 32])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--no-candidates", action="store_true")
     parser.add_argument("--hipe-tiles", type=int, default=0, help="also measure the HiPe hit rate")
     args = parser.parse_args()
 
-    one = torch.rand(1, 1, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    many = torch.rand(
-        args.batch, 1, args.size, args.size, generator=torch.Generator().manual_seed(1)
+    inputs = [
+        torch.rand(b, 1, args.size, args.size, generator=torch.Generator().manual_seed(b))
+        for b in args.batch
+    ]
+    variants = [
+        ("bundled: BN folded, channels-last (default)", load_model(device="cpu")),
+        ("bundled: BN folded, contiguous", load_model(device="cpu", channels_last=False)),
+        (
+            "bundled: BN unfolded, contiguous",
+            load_model(device="cpu", fuse_batchnorm=False, channels_last=False),
+        ),
+    ]
+    bundled = variants[0][1]
+    params = count_parameters(bundled)
+    print(
+        f"bundled model: {bundled.meta.architecture}, sha256 {bundled.sha256[:12]}..., torch {torch.__version__}"
     )
-    bundled = load_model(device="cpu")
-    unfolded = load_model(device="cpu", fuse_batchnorm=False)
-    arch = bundled.meta.architecture
-    print(f"bundled model: {arch}, sha256 {bundled.sha256[:12]}..., torch {torch.__version__}")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    cols = " | ".join(f"batch {b}" for b in args.batch)
     header = (
-        f"| model | params | ms per {args.size}² call (batch 1) | ms per tile in a batch of "
-        f"{args.batch} |\n|---|---|---|---|"
+        f"| model (ms per {args.size}² tile) | params | {cols} |\n"
+        f"|---|---|{'---|' * len(args.batch)}"
     )
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"\n### {threads} thread(s)\n")
         print(header)
-        params = count_parameters(bundled)
-        for name, model in (
-            ("bundled (BN folded, default)", bundled),
-            ("bundled (BN unfolded)", unfolded),
-        ):
-            single = time_calls(model, one, args.repeats)
-            batched = time_calls(model, many, max(3, args.repeats // 5))
-            print(row(name, params, single, batched, args.batch), flush=True)
+        for name, model in variants:
+            times = [time_calls(model, x, max(3, args.repeats // x.shape[0])) for x in inputs]
+            print(row(name, params, times, args.batch), flush=True)
         if args.no_candidates:
             continue
         for depth, decoder in CANDIDATES:
             network = build_unet(encoder="resnet18", encoder_depth=depth, decoder_channels=decoder)
-            params = count_parameters(network)
+            n_params = count_parameters(network)
             fold_batchnorm(network)
-            model = SegmentationModel(network, ModelMeta(), device="cpu")
-            single = time_calls(model, one, args.repeats)
-            batched = time_calls(model, many, max(3, args.repeats // 5))
+            model = SegmentationModel(network, ModelMeta(), device="cpu", channels_last=True)
+            times = [time_calls(model, x, max(3, args.repeats // x.shape[0])) for x in inputs]
             name = f"resnet18 depth {depth}, decoder {list(decoder)}"
-            print(row(name, params, single, batched, args.batch), flush=True)
+            print(row(name, n_params, times, args.batch), flush=True)
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     if args.hipe_tiles:
         hipe_hit_rate(bundled, args.hipe_tiles)
 

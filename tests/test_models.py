@@ -125,7 +125,7 @@ def test_fold_batchnorm_keeps_the_function(tiny_model: nn.Module) -> None:
 
 
 def test_checkpoint_round_trip_weights_equal(tiny_ckpt: Path, tiny_model: nn.Module) -> None:
-    loaded = load_model(tiny_ckpt, device="cpu", fuse_batchnorm=False)
+    loaded = load_model(tiny_ckpt, device="cpu", fuse_batchnorm=False, channels_last=False)
     saved = tiny_model.state_dict()
     got = loaded.network.state_dict()
     assert set(got) == set(saved)
@@ -135,7 +135,9 @@ def test_checkpoint_round_trip_weights_equal(tiny_ckpt: Path, tiny_model: nn.Mod
     with torch.no_grad():
         expected = tiny_model(x)
     torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
-    fused = load_model(tiny_ckpt, device="cpu")  # default folds batch norm: same up to rounding
+    # the defaults fold batch norm and use channels-last: the same function up to rounding
+    fused = load_model(tiny_ckpt, device="cpu")
+    assert fused.network.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
 
 
