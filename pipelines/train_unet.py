@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -374,11 +375,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     real_train: list[Sample] = []
     real_eval: list[tuple[str, np.ndarray, np.ndarray, Sample]] = []
     if d.bbbc039:
-        folder = (
-            Path(d.bbbc039_dir)
-            if d.bbbc039_dir
-            else REPO.parent / "shared" / "data" / "nuclei" / "bbbc039"
-        )
+        shared = Path(os.environ.get("WSI_HIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+        folder = Path(d.bbbc039_dir) if d.bbbc039_dir else shared / "nuclei" / "bbbc039"
         if folder.is_dir():
             pairs = load_bbbc039(folder, d.mpp)
             n_eval = min(d.bbbc039_eval, max(len(pairs) - 1, 0))
@@ -553,7 +551,9 @@ nucleus, so all nuclei = p(lymphocyte) + p(nucleus).
 - {training["steps"]} steps, {training.get("train_cpu_seconds", float("nan")):.0f} s of CPU time ({training["train_seconds"]:.0f} s wall on a
   machine shared with other jobs), {training["threads"]} torch thread(s), torch {training["torch"]}, seed
   {training["config"]["seed"]}. Batch {training["config"]["train"]["batch_size"]} crops of {training["config"]["train"]["crop"]} px, AdamW, cosine learning rate,
-  cross-entropy + soft Dice.
+  cross-entropy + soft Dice. The learning-rate schedule followed the CPU-time budget; for a
+  run of the same length that any machine repeats (a step-based schedule, same seed), add
+  `--max-steps {training["steps"]}`.
 
 ## Held-out results
 
