@@ -92,6 +92,20 @@ def test_workers_flag_alone_asks_for_a_local_cluster():
     assert both.schedule.scheduler == "threads"
 
 
+def test_slide_flags_map_to_config_keys():
+    from wsi_hipe.cli import _load_config, _overrides
+
+    cfg = _load_config(None, _overrides(allow_brightfield=True, channel="Blue", mpp=0.25))
+    assert cfg.slide.allow_brightfield and cfg.slide.channel == "blue" and cfg.slide.mpp == 0.25
+
+
+def test_brightfield_slide_is_refused_with_the_fix(tmp_path, slides_dir):
+    result = _invoke("run", slides_dir / "CMU-1-Small-Region.svs", "-o", tmp_path / "o.ome.zarr")
+    assert result.exit_code == 1
+    assert "brightfield" in result.output and "allow_brightfield" in result.output
+    assert not (tmp_path / "o.ome.zarr").exists()
+
+
 def test_bad_config_names_the_key(workdir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("tiling: {tile_size: 250}\n")

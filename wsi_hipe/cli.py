@@ -212,6 +212,18 @@ TargetMppOpt = Annotated[
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace an existing output instead of resuming.")
 ]
+ChannelOpt = Annotated[
+    str | None,
+    typer.Option("--channel", help="Stain channel: auto, mean, 0/1/2 or red/green/blue."),
+]
+BrightfieldOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-brightfield/--no-allow-brightfield",
+        help="Run on RGB brightfield (H&E) slides by inverting them.",
+        show_default=False,
+    ),
+]
 NgffOpt = Annotated[str | None, typer.Option("--ngff", help="OME-NGFF version: 0.4 or 0.5.")]
 TileOpt = Annotated[
     int | None, typer.Option("--tile-size", help="Tile core, target px (multiple of 16).")
@@ -234,6 +246,8 @@ def _overrides(**values: Any) -> dict[str, Any]:
         "tile_size": "tiling.tile_size",
         "max_depth": "hipe.max_depth",
         "floor": "score.floor",
+        "channel": "slide.channel",
+        "allow_brightfield": "slide.allow_brightfield",
     }
     return {keys[k]: v for k, v in values.items() if v is not None}
 
@@ -311,6 +325,8 @@ def run(
     tile_size: TileOpt = None,
     max_depth: DepthOpt = None,
     floor: FloorOpt = None,
+    channel: ChannelOpt = None,
+    allow_brightfield: BrightfieldOpt = None,
 ) -> None:
     """Explain one slide into an OME-Zarr (resumes an interrupted run of the same command)."""
     cfg = _load_config(
@@ -320,6 +336,8 @@ def run(
             device=device,
             scheduler=scheduler,
             workers=workers,
+            channel=channel,
+            allow_brightfield=allow_brightfield,
             mpp=mpp,
             target_mpp=target_mpp,
             ngff=ngff,
@@ -357,6 +375,8 @@ def batch(
     tile_size: TileOpt = None,
     max_depth: DepthOpt = None,
     floor: FloorOpt = None,
+    channel: ChannelOpt = None,
+    allow_brightfield: BrightfieldOpt = None,
     skip_errors: Annotated[
         bool,
         typer.Option("--skip-errors", help="Go on past slides that fail (default: stop)."),
@@ -374,6 +394,8 @@ def batch(
             device=device,
             scheduler=scheduler,
             workers=workers,
+            channel=channel,
+            allow_brightfield=allow_brightfield,
             target_mpp=target_mpp,
             ngff=ngff,
             tile_size=tile_size,
