@@ -205,6 +205,9 @@ def test_batch_with_a_corrupt_slide(workdir, tmp_path, slides_dir):
         "c1.ome.zarr",
     ]
     assert (outdir / "wsi-hipe-batch.log").is_file()
+    for name in ("a1", "c1"):
+        log = (outdir / f"{name}.ome.zarr" / "wsi_hipe" / "run.log").read_text()
+        assert f"{name}.tiff" in log and "broken" not in log
 
 
 def test_batch_all_good_exits_zero_with_glob_and_manifest(workdir, tmp_path):

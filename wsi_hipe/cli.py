@@ -407,6 +407,7 @@ def batch(
         n_slides = len(resolve_batch_inputs(inputs))
     outdir.mkdir(parents=True, exist_ok=True)
     handler = _DeferredFileHandler(outdir / "wsi-hipe-batch.log")
+    slide_log: list[_DeferredFileHandler] = []
     logging.getLogger("wsi_hipe").addHandler(handler)
     try:
         with _errors(), _progress() as bars:
@@ -426,6 +427,14 @@ def batch(
                     f" ({status.error})" if status.error else "",
                 )
 
+            def on_start(slide: str, output: Path) -> None:
+                # Each slide also logs into its own OUT.ome.zarr/wsi_hipe/run.log.
+                for old in slide_log:
+                    logging.getLogger("wsi_hipe").removeHandler(old)
+                    old.close()
+                slide_log[:] = [_DeferredFileHandler(Path(output) / "wsi_hipe" / "run.log")]
+                logging.getLogger("wsi_hipe").addHandler(slide_log[0])
+
             statuses = explain_batch(
                 inputs,
                 outdir,
@@ -434,10 +443,12 @@ def batch(
                 skip_errors=skip_errors,
                 progress=progress,
                 on_slide=on_slide,
+                on_start=on_start,
             )
     finally:
-        logging.getLogger("wsi_hipe").removeHandler(handler)
-        handler.close()
+        for extra in [handler, *slide_log]:
+            logging.getLogger("wsi_hipe").removeHandler(extra)
+            extra.close()
     table = Table(title=f"wsi-hipe batch → {outdir}")
     for column in ("slide", "status", "output", "tiles", "failed tiles", "seconds", "error"):
         table.add_column(column, overflow="fold")

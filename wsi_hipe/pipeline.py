@@ -1349,6 +1349,7 @@ def explain_batch(
     skip_errors: bool = False,
     progress: Callable[[str, int, int], object] | None = None,
     on_slide: Callable[[SlideStatus, int, int], object] | None = None,
+    on_start: Callable[[str, Path], object] | None = None,
 ) -> list[SlideStatus]:
     """Explain many slides into ``outdir``, one OME-Zarr each.
 
@@ -1372,6 +1373,8 @@ def explain_batch(
         ``progress(slide_name, done_tiles, total_tiles)`` during each slide.
     on_slide : callable, optional
         ``on_slide(status, done_slides, total_slides)`` after each slide.
+    on_start : callable, optional
+        ``on_start(slide, output)`` before each slide runs (e.g. to log into its output).
 
     Returns
     -------
@@ -1401,6 +1404,8 @@ def explain_batch(
                 def hook(done: int, total: int, _name: str = name) -> None:
                     progress(_name, done, total)
 
+            if on_start is not None:
+                on_start(str(item.slide), out)
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 result = explain_slide(
