@@ -492,11 +492,12 @@ def _substitute_image(substrate, x: torch.Tensor, *, blur_sigma: float, seed: in
     return None
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: float, *, mode: str = "reflect") -> torch.Tensor:
     """Separable Gaussian blur of every channel of ``x`` ``(C, *S)`` over all spatial axes.
 
-    Reflect padding (replicate where an axis is shorter than the kernel radius); kernel radius
-    ``⌈3σ⌉``. ``sigma <= 0`` returns a copy.
+    Kernel radius ``⌈3σ⌉``, normalised to sum 1. ``mode`` pads the borders: ``"reflect"``
+    (replicate where an axis is not longer than the radius) or ``"replicate"``.
+    ``sigma <= 0`` returns a copy.
     """
     if sigma <= 0:
         return x.clone()
@@ -509,8 +510,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
         moved = out.movedim(axis, -1)
         shape = moved.shape
         flat = moved.reshape(-1, 1, shape[-1])
-        mode = "reflect" if shape[-1] > radius else "replicate"
-        flat = torch.nn.functional.pad(flat, (radius, radius), mode=mode)
+        pad = mode if shape[-1] > radius else "replicate"
+        flat = torch.nn.functional.pad(flat, (radius, radius), mode=pad)
         flat = torch.nn.functional.conv1d(flat, kernel.view(1, 1, -1))
         out = flat.reshape(shape).movedim(-1, axis)
     return out

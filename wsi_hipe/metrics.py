@@ -39,6 +39,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from wsi_hipe.hipe import gaussian_blur
+
 __all__ = [
     "CausalCurve",
     "PointingResult",
@@ -113,22 +115,8 @@ def _check_positive(name: str, value: float) -> None:
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``x`` ``(C, H, W)`` per channel, edge-replicated.
-
-    The kernel is truncated at ``ceil(3 σ)`` px and normalised to sum 1.
-    """
-    radius = max(1, math.ceil(3.0 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(device=x.device, dtype=x.dtype)
-    c = x.shape[0]
-    img = x[None]  # (1, C, H, W)
-    img = torch.nn.functional.pad(img, (radius, radius, radius, radius), mode="replicate")
-    kx = kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1)
-    ky = kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1)
-    img = torch.nn.functional.conv2d(img, kx, groups=c)
-    img = torch.nn.functional.conv2d(img, ky, groups=c)
-    return img[0]
+    """Gaussian blur of ``x`` ``(C, H, W)`` per channel, edge-replicated (see hipe.gaussian_blur)."""
+    return gaussian_blur(x, sigma, mode="replicate")
 
 
 def make_substrate(
