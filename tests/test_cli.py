@@ -315,3 +315,40 @@ def test_evaluate_command_writes_tables(workdir, tmp_path):
     assert (out / "settings.json").is_file()
     bad = _invoke("evaluate", "--out", out, "--set", "tiles.n")
     assert bad.exit_code != 0
+
+
+def test_overwrite_keeps_the_new_runs_log(workdir, tmp_path):
+    out = tmp_path / "o.ome.zarr"
+    args = ["run", workdir / "a1.tiff", "-o", out, "-c", workdir / "small.yaml"]
+    args += ["--model", workdir / "tiny.pt"]
+    assert _invoke(*args).exit_code == 0
+    first = (out / "wsi_hipe" / "run.log").read_text()
+    assert _invoke(*args, "--overwrite").exit_code == 0
+    log = (out / "wsi_hipe" / "run.log").read_text()
+    # --overwrite removed the old output after logging had begun: the new log is complete
+    # (it starts like the first run's) and holds no line of the first run.
+    assert log.splitlines()[0].split(" ", 2)[2] == first.splitlines()[0].split(" ", 2)[2]
+    assert "created" in log and log != first
+    assert not set(first.splitlines()) & set(log.splitlines())
+
+
+def test_batch_goes_on_past_an_unexpected_error(workdir, tmp_path, monkeypatch):
+    # A torch RuntimeError (e.g. CUDA out of memory) cannot be provoked on this CPU; stand one in
+    # for the second slide and check that the batch keeps its statuses and goes on.
+    real = pipeline.explain_slide
+
+    def flaky(slide, output, **kw):
+        if Path(slide).name == "c1.tiff":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(slide, output, **kw)
+
+    monkeypatch.setattr(pipeline, "explain_slide", flaky)
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a1.tiff", "c1.tiff"):
+        shutil.copy(workdir / name, folder / name)
+    common = ["-c", workdir / "small.yaml", "--model", workdir / "tiny.pt", "--max-depth", "1"]
+    result = _invoke("batch", folder, "-o", tmp_path / "out", "--skip-errors", *common)
+    assert result.exit_code == 1
+    assert "RuntimeError" in result.stdout and "c1.tiff" in result.stdout
+    assert read_output(tmp_path / "out" / "a1.ome.zarr").finalized

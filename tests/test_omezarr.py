@@ -508,3 +508,18 @@ def test_refinalize_after_resume_rebuilds_changed_levels(tmp_path):
     np.testing.assert_allclose(view.saliency[1].compute(), downsample_mean(sal), rtol=1e-6)
     np.testing.assert_array_equal(view.segmentation[1].compute(), downsample_mode(seg))
     assert (view.saliency[1][: CHUNK // 2, : CHUNK // 2].compute() == 0).all()
+
+
+def test_refused_resume_leaves_a_finished_output_finished(tmp_path):
+    from wsi_hipe.errors import ResumeMismatchError
+    from wsi_hipe.omezarr import create_output, read_output
+
+    path = tmp_path / "done.ome.zarr"
+    kw = dict(chunk=(32, 32), mpp=1.0, slide_mpp=0.5, fingerprint="same")
+    store = create_output(path, shape=(64, 64), **kw)
+    store.write_tile(0, 0, np.ones((32, 32), np.float32), np.ones((32, 32), np.uint8))
+    store.finalize()
+    assert read_output(path).finalized
+    with pytest.raises(ResumeMismatchError, match="layout"):
+        create_output(path, shape=(64, 96), resume=True, **kw)
+    assert read_output(path).finalized

@@ -58,7 +58,8 @@ class _DeferredFileHandler(logging.Handler):
     def __init__(self, path: Path, level: int = logging.DEBUG) -> None:
         super().__init__(level)
         self.path = Path(path)
-        self._buffer: list[str] = []
+        self._buffer: list[str] = []  # lines logged before the folder exists
+        self._written: list[str] = []  # lines in the file (rewritten if the file is replaced)
         self._stream: Any = None
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
 
@@ -68,17 +69,26 @@ class _DeferredFileHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        if self._stream is not None and not self.path.exists():
+            # --overwrite removed the old output (and this file) after logging began: start the
+            # new output's log with everything logged so far.
+            self._stream.close()
+            self._stream = None
+            self._buffer = self._written + self._buffer
+            self._written = []
         if self._stream is None and self.path.parent.is_dir():
             self._stream = open(self.path, "a", encoding="utf-8")
             for buffered in self._buffer:
                 self._stream.write(buffered + "\n")
-            self._buffer = []
+            self._written, self._buffer = self._buffer, []
         if self._stream is None:
             if len(self._buffer) < 10_000:
                 self._buffer.append(line)
             return
         self._stream.write(line + "\n")
         self._stream.flush()
+        if len(self._written) < 10_000:
+            self._written.append(line)
 
     def close(self) -> None:
         if self._stream is not None:

@@ -840,9 +840,13 @@ def create_output(
         if overwrite:
             _remove_output(path)
         elif resume:
-            store = open_output(path, fingerprint=fingerprint)
-            theirs = {k: store.__dict__[k] for k in ("shape", "chunk", "mpp", "slide_mpp", "ngff")}
-            theirs = _layout(**theirs)
+            # Compare the layout before open_output(), which marks a finalized output as being
+            # written again: a refused resume must leave a finished output finished.
+            existing = _read_meta(path) or {}
+            if all(k in existing for k in layout):
+                theirs = _layout(**{k: existing[k] for k in layout})
+            else:
+                theirs = layout  # not a wsi-hipe output: open_output() says so
             diff = sorted(k for k in layout if layout[k] != theirs[k])
             if diff:
                 raise ResumeMismatchError(
@@ -850,6 +854,7 @@ def create_output(
                     f"{[theirs[k] for k in diff]} there, {[layout[k] for k in diff]} now); "
                     "use --overwrite or another -o"
                 )
+            store = open_output(path, fingerprint=fingerprint)
             logger.info("resuming %s (%d tiles finished)", path, len(store.finished_tiles()))
             return store
         else:

@@ -1417,8 +1417,11 @@ def explain_batch(
                     overwrite=overwrite,
                     progress=hook,
                 )
-            except (WsiHipeError, OSError, ValueError) as exc:
-                logger.error("%s failed: %s", item.slide, exc)
+            except Exception as exc:  # one slide's failure must not lose the batch's statuses
+                if isinstance(exc, (WsiHipeError, OSError, ValueError)):
+                    logger.error("%s failed: %s", item.slide, exc)
+                else:  # e.g. a torch RuntimeError (CUDA out of memory): keep the traceback
+                    logger.exception("%s failed unexpectedly", item.slide)
                 status = SlideStatus(
                     str(item.slide),
                     out,
