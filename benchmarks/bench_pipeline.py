@@ -54,25 +54,11 @@ logger = logging.getLogger("bench_pipeline")
 
 
 def _tiny_model():
-    import torch
-    from torch import nn
+    """The tests' fixed 5×5-conv "segmenter" (tests/_pipeline_support.py), not a second copy."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from _pipeline_support import tiny_model
 
-    from wsi_hipe.models import load_model
-
-    class BrightBlobNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(1, 3, kernel_size=5, padding=2)
-            with torch.no_grad():
-                weight = torch.zeros(3, 1, 5, 5)
-                weight[1] = 12.0 / 25.0
-                self.conv.weight.copy_(weight)
-                self.conv.bias.copy_(torch.tensor([0.0, -12.0 * 0.45, -4.0]))
-
-        def forward(self, x):
-            return self.conv(x)
-
-    return load_model(BrightBlobNet(), class_names=("background", "lymphocyte", "nucleus"))
+    return tiny_model()
 
 
 def _model(name: str):
