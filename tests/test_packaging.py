@@ -69,6 +69,7 @@ def test_core_imports_without_qt_napari_dask_or_openslide():
 LAYERS = {
     "errors": 0,
     "config": 0,
+    "cache": 0,
     "hipe": 1,
     "scores": 1,
     "tiling": 1,

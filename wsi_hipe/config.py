@@ -20,7 +20,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -36,13 +36,81 @@ __all__ = [
     "OutputConfig",
     "ScheduleConfig",
     "load_config",
+    "Substrate",
+    "MetricSubstrate",
+    "Threshold",
+    "ScoreKind",
+    "NgffVersion",
+    "SchedulerName",
+    "DeviceName",
+    "SUBSTRATES",
+    "METRIC_SUBSTRATES",
+    "THRESHOLDS",
     "SCORE_KINDS",
+    "NGFF_VERSIONS",
+    "SCHEDULERS",
+    "DEVICES",
+    "canonical_substrate",
+    "check_scheduler",
+    "check_device",
 ]
 
 logger = logging.getLogger(__name__)
 
+# --- option vocabularies: each is defined here once; hipe, metrics, the CLI and the napari
+# --- widget take their choices from these aliases (``typing.get_args``).
+
+#: What a perturbed window is replaced by (HiPe) or what removed pixels become (metrics):
+#: ``"mean"`` each channel's mean over the window, ``"fade"`` zeros (the dark background of
+#: fluorescence; the paper's "fade"), ``"blur"`` a Gaussian blur, ``"noise"`` Gaussian noise.
+Substrate = Literal["mean", "fade", "blur", "noise"]
+#: The substrates of the insertion/deletion metrics (a subset of :data:`Substrate`).
+MetricSubstrate = Literal["fade", "mean", "blur"]
+#: Old spellings still accepted on input and mapped to their one name.
+SUBSTRATE_ALIASES: dict[str, str] = {"zero": "fade"}
+#: How HiPe's refinement threshold is computed from the previous depth's saliency.
+Threshold = Literal["mid-range", "mean"]
 #: Score kinds a run can explain; all but ``"logit"`` are non-negative (see ``score.floor``).
-SCORE_KINDS = ("area", "mean", "logit")
+ScoreKind = Literal["area", "mean", "logit"]
+#: OME-NGFF versions the writer offers: 0.4 (Zarr v2, read everywhere) or 0.5 (Zarr v3).
+NgffVersion = Literal["0.4", "0.5"]
+#: Named schedulers; besides these, ``"local:N"`` and ``"tcp://host:port"`` (:func:`check_scheduler`).
+SchedulerName = Literal["sync", "threads", "processes", "local"]
+#: Named devices; besides these, ``"cuda:N"`` (:func:`check_device`).
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+
+SUBSTRATES: tuple[str, ...] = get_args(Substrate)
+METRIC_SUBSTRATES: tuple[str, ...] = get_args(MetricSubstrate)
+THRESHOLDS: tuple[str, ...] = get_args(Threshold)
+SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
+NGFF_VERSIONS: tuple[str, ...] = get_args(NgffVersion)
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+DEVICES: tuple[str, ...] = get_args(DeviceName)
+
+
+def canonical_substrate(name: str) -> str:
+    """``name`` with old spellings (``"zero"``) mapped to their one name (``"fade"``)."""
+    return SUBSTRATE_ALIASES.get(name, name)
+
+
+def check_scheduler(value: str) -> str:
+    """``value`` if it is a scheduler spec (:data:`SchedulerName`, ``local:N``, ``tcp://…``)."""
+    if value in SCHEDULERS or value.startswith("tcp://"):
+        return value
+    if value.startswith("local:") and value[6:].isdigit() and int(value[6:]) >= 1:
+        return value
+    raise ValueError(
+        "must be 'sync', 'threads', 'processes', 'local', 'local:N' or "
+        f"'tcp://host:port', got {value!r}"
+    )
+
+
+def check_device(value: str) -> str:
+    """``value`` if it names a device (:data:`DeviceName` or ``cuda:N``)."""
+    if value in DEVICES or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError(f"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
+
 
 _CHANNEL_NAMES = ("auto", "mean", "red", "green", "blue")
 
@@ -145,12 +213,7 @@ class ModelConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
-        ok = value in ("auto", "cpu", "cuda", "mps") or (
-            value.startswith("cuda:") and value[5:].isdigit()
-        )
-        if not ok:
-            raise ValueError(f"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}")
-        return value
+        return check_device(value)
 
 
 class ScoreConfig(_Section):
@@ -170,7 +233,7 @@ class ScoreConfig(_Section):
         skips only tiles whose score is exactly zero. Ignored for ``"logit"``.
     """
 
-    kind: Literal["area", "mean", "logit"] = "area"
+    kind: ScoreKind = "area"
     class_index: int = Field(default=1, ge=0, alias="class")
     floor: float = Field(default=1.0, ge=0)
 
@@ -199,8 +262,8 @@ class HipeConfig(_Section):
         the naive baseline in ``benchmarks/bench_pipeline.py``).
     """
 
-    substrate: Literal["mean", "fade", "blur", "noise"] = "mean"
-    threshold: Literal["mid-range", "mean"] = "mid-range"
+    substrate: Substrate = "mean"
+    threshold: Threshold = "mid-range"
     batch_size: int = Field(default=32, ge=1)
     max_depth: int | None = Field(default=None, ge=1)
     min_cell_size: int = Field(default=4, ge=1)
@@ -217,7 +280,7 @@ class OutputConfig(_Section):
         OME-NGFF version: 0.4 (Zarr v2, read everywhere) or 0.5 (Zarr v3).
     """
 
-    ngff: Literal["0.4", "0.5"] = "0.4"
+    ngff: NgffVersion = "0.4"
 
     @field_validator("ngff", mode="before")
     @classmethod
@@ -255,14 +318,7 @@ class ScheduleConfig(_Section):
     @field_validator("scheduler")
     @classmethod
     def _scheduler_name(cls, value: str) -> str:
-        if value in ("sync", "threads", "processes", "local") or value.startswith("tcp://"):
-            return value
-        if value.startswith("local:") and value[6:].isdigit() and int(value[6:]) >= 1:
-            return value
-        raise ValueError(
-            "must be 'sync', 'threads', 'processes', 'local', 'local:N' or "
-            f"'tcp://host:port', got {value!r}"
-        )
+        return check_scheduler(value)
 
 
 class Config(_Section):
