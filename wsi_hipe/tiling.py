@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Tile", "TileGrid", "make_grid", "area_fractions"]
+__all__ = ["Tile", "TileGrid", "make_grid", "area_fractions", "PixelTransform", "pixel_transform"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,102 @@ def _snap(value: float) -> float:
 def _ceil_snapped(value: float) -> int:
     """``ceil`` that ignores float noise just above an integer (``4.0000000001 -> 4``)."""
     return int(math.ceil(_snap(value)))
+
+
+# --------------------------------------------------------------------------------------------
+# The one pixel-centre <-> micrometre transform
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixelTransform:
+    """Where the pixels of one image grid sit in the slide's world, in micrometres.
+
+    The world convention (napari's and NGFF's): level-0 slide pixel ``j`` is *centred* at
+    ``j · slide_mpp`` µm and covers ``[(j − ½)·slide_mpp, (j + ½)·slide_mpp)``. A grid whose pixel
+    covers ``downsample`` level-0 px and whose pixel 0 starts at level-0 *edge* coordinate
+    ``origin`` (pixel ``j`` of level 0 spans edge coordinates ``[j, j + 1)``) has
+
+    - ``scale = slide_mpp · downsample`` µm per pixel, and
+    - ``translation = (origin + (downsample − 1)/2) · slide_mpp``: the world position of the
+      centre of its pixel 0.
+
+    Every conversion between output pixels, level-0 pixels and µm in the project goes through
+    this class (the OME-Zarr writer and reader, the napari layers and widget, region results).
+
+    Attributes
+    ----------
+    scale : (2,) tuple of float
+        µm per pixel along (y, x).
+    translation : (2,) tuple of float
+        World position (y, x) in µm of the centre of pixel (0, 0).
+    """
+
+    scale: tuple[float, float]
+    translation: tuple[float, float]
+
+    def to_world(self, y: float, x: float) -> tuple[float, float]:
+        """World (y, x) in µm of the pixel coordinate ``(y, x)`` (pixel centres integral)."""
+        return (
+            self.translation[0] + y * self.scale[0],
+            self.translation[1] + x * self.scale[1],
+        )
+
+    def to_pixel(self, y_um: float, x_um: float) -> tuple[float, float]:
+        """Pixel coordinate (y, x) (centres integral) of the world point ``(y_um, x_um)``."""
+        return (
+            (y_um - self.translation[0]) / self.scale[0],
+            (x_um - self.translation[1]) / self.scale[1],
+        )
+
+    def to_edge(self, y_um: float, x_um: float) -> tuple[float, float]:
+        """Continuous pixel-edge coordinate (y, x) of a world point: pixel ``j`` spans ``[j, j+1)``."""
+        y, x = self.to_pixel(y_um, x_um)
+        return y + 0.5, x + 0.5
+
+    def ngff(self) -> tuple[list[float], list[float]]:
+        """NGFF ``coordinateTransformations`` values: ``([sy, sx], [ty, tx])``."""
+        return [float(self.scale[0]), float(self.scale[1])], [
+            float(self.translation[0]),
+            float(self.translation[1]),
+        ]
+
+
+def pixel_transform(
+    slide_mpp: float,
+    downsample: float = 1.0,
+    origin: tuple[float, float] = (0.0, 0.0),
+) -> PixelTransform:
+    """The :class:`PixelTransform` of a grid over a slide (see its docstring for the rule).
+
+    Parameters
+    ----------
+    slide_mpp : float
+        µm per level-0 slide pixel (> 0).
+    downsample : float, optional
+        Level-0 px per pixel of the grid (> 0): 1 for level 0, ``target_mpp / slide_mpp`` for
+        the pipeline's target grid, ``2**k`` times that for output pyramid level ``k``.
+    origin : (y, x) tuple of float, optional
+        Level-0 edge coordinate where the grid's pixel (0, 0) starts (a region's top-left).
+
+    Examples
+    --------
+    >>> pixel_transform(0.25, 2.0).translation      # two level-0 px per pixel: centre at 0.5 px
+    (0.125, 0.125)
+    """
+    if not (math.isfinite(slide_mpp) and slide_mpp > 0):
+        raise ValueError(f"slide_mpp must be a positive number of µm per pixel, got {slide_mpp!r}")
+    if not (math.isfinite(downsample) and downsample > 0):
+        raise ValueError(f"downsample must be > 0 (level-0 px per pixel), got {downsample!r}")
+    step = float(slide_mpp) * float(downsample)
+    half = (float(downsample) - 1.0) / 2.0
+    return PixelTransform(
+        scale=(step, step),
+        translation=(
+            (float(origin[0]) + half) * float(slide_mpp),
+            (float(origin[1]) + half) * float(slide_mpp),
+        ),
+    )
 
 
 @dataclass(frozen=True)
