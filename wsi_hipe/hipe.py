@@ -51,7 +51,14 @@ from typing import Literal
 
 import torch
 
-__all__ = ["HipeResult", "hierarchical_perturbation", "SUBSTRATES", "THRESHOLDS", "start_grid_size"]
+__all__ = [
+    "HipeResult",
+    "hierarchical_perturbation",
+    "SUBSTRATES",
+    "THRESHOLDS",
+    "start_grid_size",
+    "max_depths",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +125,25 @@ def start_grid_size(m: int) -> int:
         raise ValueError(f"the smallest spatial side must be >= 1 px, got {m}")
     n = 2 * (math.ceil(math.log2(m)) // 2) if m > 1 else 1
     return max(1, min(n, m))
+
+
+def max_depths(
+    side: int, *, start_grid: int | None = None, min_cell_size: int = 4, max_depth: int | None = None
+) -> int:
+    """Number of depths HiPe can run on an input whose smallest side is ``side`` px.
+
+    Depth 1 always runs; depth ``d ≥ 2`` runs only if ``n_d · min_cell_size ≤ side`` with
+    ``n_d = n_1 · 2^(d−1)`` (``n_1`` = ``start_grid`` or :func:`start_grid_size`);
+    ``max_depth`` caps the count. (It is an upper bound: a run also stops early when no window
+    is selected or the model does not move.)
+    """
+    n = start_grid if start_grid is not None else start_grid_size(side)
+    depths = 1
+    while True:
+        n *= 2
+        if n * min_cell_size > side or (max_depth is not None and depths >= max_depth):
+            return depths
+        depths += 1
 
 
 def hierarchical_perturbation(
