@@ -7,7 +7,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from wsi_hipe.tiling import Tile, TileGrid, area_fractions, make_grid
+from wsi_hipe.tiling import (
+    PixelTransform,
+    Tile,
+    TileGrid,
+    area_fractions,
+    make_grid,
+    pixel_transform,
+)
 
 CASES = [
     # (width0, height0, slide_mpp, target_mpp, tile_size, halo)
@@ -199,3 +206,92 @@ def test_bad_arguments_name_the_value(kwargs, match):
         make_grid((100, 100), **base)
     with pytest.raises(ValueError, match="level0_size"):
         make_grid((0, 100), slide_mpp=0.5, target_mpp=0.5)
+
+
+# --- the pixel-centre <-> µm transform ------------------------------------------------------------
+
+
+def test_pixel_transform_puts_pixel_centres_on_their_level0_pixels():
+    # A grid of downsample d: pixel j averages level-0 pixels j*d .. j*d + d - 1, whose mean
+    # centre (level-0 pixel centres at i * mpp) is (j*d + (d - 1)/2) * mpp.
+    mpp = 0.25
+    for d in (1, 2, 4, 8):
+        t = pixel_transform(mpp, d)
+        for j in (0, 3, 17):
+            centre = np.mean([i * mpp for i in range(j * d, j * d + d)])
+            assert t.to_world(j, j) == pytest.approx((centre, centre))
+            assert t.to_pixel(centre, centre) == pytest.approx((j, j))
+    assert pixel_transform(0.5, 1).translation == (0.0, 0.0)
+    assert pixel_transform(0.5).translation == (0.0, 0.0)
+    assert pixel_transform(0.5, 4).scale == (2.0, 2.0)
+    assert pixel_transform(0.5, 4).translation == (0.75, 0.75)
+
+
+@pytest.mark.parametrize("slide_mpp", [0.2527, 0.499, 0.5, 1.0])
+@pytest.mark.parametrize("target_mpp", [0.5, 0.75, 2.0])
+def test_pixel_transform_follows_the_ngff_translation_rule(slide_mpp, target_mpp):
+    # Output level k (target_mpp · 2^k µm/px over a slide_mpp slide): NGFF scale mpp·2^k and
+    # translation (mpp·2^k − slide_mpp)/2, whether given as a downsample or as µm/px.
+    for k in range(5):
+        step = target_mpp * 2**k
+        rule = (step - slide_mpp) / 2
+        by_mpp = pixel_transform(slide_mpp, mpp=step)
+        assert by_mpp.scale == (step, step)  # exactly the configured µm/px
+        assert by_mpp.translation == pytest.approx((rule, rule), rel=1e-12, abs=1e-12)
+        by_downsample = pixel_transform(slide_mpp, step / slide_mpp)
+        assert by_downsample.scale == pytest.approx(by_mpp.scale, rel=1e-12)
+        assert by_downsample.translation == pytest.approx(by_mpp.translation, rel=1e-12, abs=1e-12)
+        assert by_mpp.ngff() == ([step, step], [by_mpp.translation[0]] * 2)
+
+
+@pytest.mark.parametrize("origin", [(0.0, 0.0), (37.0, 21.0), (-12.5, 1000.25)])
+@pytest.mark.parametrize("downsample", [1.0, 2.0, 2.5])
+def test_pixel_transform_round_trips_and_origin(origin, downsample):
+    m = 0.5
+    t = pixel_transform(m, downsample, origin=origin)
+    # Pixel (0, 0) spans level-0 edges [origin, origin + downsample): its centre in µm.
+    expected = tuple((o + (downsample - 1) / 2) * m for o in origin)
+    assert t.to_world(0, 0) == pytest.approx(expected)
+    # The origin only shifts the grid by origin · slide_mpp.
+    base = pixel_transform(m, downsample)
+    for y, x in [(0, 0), (3, 7), (-2.5, 11.25)]:
+        wy, wx = t.to_world(y, x)
+        by, bx = base.to_world(y, x)
+        assert (wy - by, wx - bx) == pytest.approx((origin[0] * m, origin[1] * m))
+        assert t.to_pixel(wy, wx) == pytest.approx((y, x), abs=1e-9)
+        assert t.to_edge(wy, wx) == pytest.approx((y + 0.5, x + 0.5), abs=1e-9)
+    # World -> pixel -> world.
+    for y_um, x_um in [(0.0, 0.0), (12.3, -4.56), (1e4, 2e4)]:
+        assert t.to_world(*t.to_pixel(y_um, x_um)) == pytest.approx((y_um, x_um))
+    # Level-0 edge coordinate e is world (e - 1/2) · slide_mpp, whatever the grid.
+    edge = pixel_transform(m)
+    assert edge.to_edge(*t.to_world(-0.5, -0.5)) == pytest.approx(origin)
+
+
+def test_pixel_transform_agrees_with_the_tile_grid():
+    # A read window of a TileGrid placed in µm: its pixel (0, 0) is the target pixel at the
+    # window's corner, so both descriptions give the same world point for every pixel.
+    grid = make_grid((1000, 700), slide_mpp=0.2527, target_mpp=0.5, tile_size=128, halo=16)
+    whole = pixel_transform(grid.slide_mpp, grid.scale)
+    for tile in grid.tiles[::5]:
+        x0, y0, _, _ = grid.read_window(tile)
+        window = pixel_transform(grid.slide_mpp, grid.scale, origin=(y0, x0))
+        for r, c in [(0, 0), (16, 16), (159, 3)]:
+            target = (tile.y - grid.halo + r, tile.x - grid.halo + c)
+            assert window.to_world(r, c) == pytest.approx(whole.to_world(*target), abs=1e-9)
+
+
+@pytest.mark.parametrize("mpp, downsample", [(0, 1), (-1, 2), (float("nan"), 1), (0.5, 0)])
+def test_pixel_transform_rejects_bad_values(mpp, downsample):
+    with pytest.raises(ValueError, match="must be"):
+        pixel_transform(mpp, downsample)
+
+
+def test_pixel_transform_rejects_ambiguous_or_bad_arguments():
+    with pytest.raises(ValueError, match="not both"):
+        pixel_transform(0.5, 2.0, mpp=1.0)
+    with pytest.raises(ValueError, match="mpp"):
+        pixel_transform(0.5, mpp=0.0)
+    with pytest.raises(ValueError, match="origin"):
+        pixel_transform(0.5, 1.0, origin=(1.0,))
+    assert isinstance(pixel_transform(0.5), PixelTransform)

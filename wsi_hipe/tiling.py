@@ -49,6 +49,18 @@ def _ceil_snapped(value: float) -> int:
     return int(math.ceil(_snap(value)))
 
 
+def _positive(name: str, value: Any, unit: str = "") -> float:
+    """``float(value)`` when it is a finite number > 0, else ValueError naming ``name``."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if not (math.isfinite(out) and out > 0):
+        what = f"a positive number of {unit}" if unit else "a positive number"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The one pixel-centre <-> micrometre transform
 # --------------------------------------------------------------------------------------------
@@ -110,8 +122,10 @@ class PixelTransform:
 
 def pixel_transform(
     slide_mpp: float,
-    downsample: float = 1.0,
+    downsample: float | None = None,
     origin: tuple[float, float] = (0.0, 0.0),
+    *,
+    mpp: float | None = None,
 ) -> PixelTransform:
     """The :class:`PixelTransform` of a grid over a slide (see its docstring for the rule).
 
@@ -120,27 +134,56 @@ def pixel_transform(
     slide_mpp : float
         µm per level-0 slide pixel (> 0).
     downsample : float, optional
-        Level-0 px per pixel of the grid (> 0): 1 for level 0, ``target_mpp / slide_mpp`` for
-        the pipeline's target grid, ``2**k`` times that for output pyramid level ``k``.
+        Level-0 px per pixel of the grid (> 0; default 1): 1 for level 0,
+        ``target_mpp / slide_mpp`` for the pipeline's target grid, ``2**k`` times that for
+        output pyramid level ``k``.
     origin : (y, x) tuple of float, optional
         Level-0 edge coordinate where the grid's pixel (0, 0) starts (a region's top-left).
+    mpp : float, optional
+        µm per pixel of the grid, instead of ``downsample`` (``downsample = mpp / slide_mpp``).
+        Give it when the grid's µm/px is the exact quantity (an output's target resolution):
+        the scale is then ``mpp`` itself, not ``slide_mpp · (mpp / slide_mpp)`` rounded twice.
+
+    Returns
+    -------
+    PixelTransform
+        ``scale = step`` and ``translation = origin · slide_mpp + (step − slide_mpp) / 2`` on
+        each axis, with ``step = slide_mpp · downsample`` (or ``mpp``) µm per grid pixel: the
+        NGFF rule ``(mpp·2^k − slide_mpp)/2`` for pyramid level ``k`` at origin 0.
 
     Examples
     --------
     >>> pixel_transform(0.25, 2.0).translation      # two level-0 px per pixel: centre at 0.5 px
     (0.125, 0.125)
+    >>> pixel_transform(0.25, mpp=0.5) == pixel_transform(0.25, 2.0)
+    True
     """
-    if not (math.isfinite(slide_mpp) and slide_mpp > 0):
-        raise ValueError(f"slide_mpp must be a positive number of µm per pixel, got {slide_mpp!r}")
-    if not (math.isfinite(downsample) and downsample > 0):
-        raise ValueError(f"downsample must be > 0 (level-0 px per pixel), got {downsample!r}")
-    step = float(slide_mpp) * float(downsample)
-    half = (float(downsample) - 1.0) / 2.0
+    slide_mpp = _positive("slide_mpp", slide_mpp, "µm per pixel")
+    if mpp is not None:
+        if downsample is not None:
+            raise ValueError(
+                f"pass downsample or mpp, not both (got downsample={downsample!r}, mpp={mpp!r})"
+            )
+        step = _positive("mpp", mpp, "µm per pixel")
+    elif downsample is None:
+        step = slide_mpp
+    else:
+        try:
+            ds = float(downsample)
+        except (TypeError, ValueError):
+            ds = math.nan
+        if not (math.isfinite(ds) and ds > 0):
+            raise ValueError(f"downsample must be > 0 (level-0 px per pixel), got {downsample!r}")
+        step = slide_mpp * ds
+    if len(origin) != 2:
+        raise ValueError(f"origin must be a (y, x) pair of level-0 px, got {origin!r}")
+    # World offset of pixel 0's centre from the centre of the level-0 pixel at its corner.
+    centre = (step - slide_mpp) / 2
     return PixelTransform(
         scale=(step, step),
         translation=(
-            (float(origin[0]) + half) * float(slide_mpp),
-            (float(origin[1]) + half) * float(slide_mpp),
+            float(origin[0]) * slide_mpp + centre,
+            float(origin[1]) * slide_mpp + centre,
         ),
     )
 
@@ -326,14 +369,34 @@ def area_fractions(mask: np.ndarray, downsample: float, boxes: np.ndarray) -> np
     return np.clip(frac, 0.0, 1.0)
 
 
-def _positive(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return v
+def _check_grid_args(
+    level0_size: Sequence[int], tile_size: int, halo: int, min_tissue: float
+) -> tuple[int, int]:
+    """Validate ``make_grid``'s integer arguments; return the level-0 ``(width, height)``."""
+    if len(level0_size) != 2:
+        raise ValueError(f"level0_size must be (width, height), got {level0_size!r}")
+    width0, height0 = (int(v) for v in level0_size)
+    if width0 <= 0 or height0 <= 0 or (width0, height0) != tuple(level0_size):
+        raise ValueError(f"level0_size must be two positive integers, got {level0_size!r}")
+    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 1:
+        raise ValueError(f"tile_size must be a positive integer (target px), got {tile_size!r}")
+    if isinstance(halo, bool) or not isinstance(halo, (int, np.integer)) or halo < 0:
+        raise ValueError(f"halo must be an integer >= 0 (target px), got {halo!r}")
+    if not 0.0 <= float(min_tissue) <= 1.0:
+        raise ValueError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}")
+    return width0, height0
+
+
+def _tissue_fractions(tissue: Any, boxes: np.ndarray) -> np.ndarray:
+    """Tissue fraction of each level-0 box ``(x0, y0, w, h)`` under a :class:`TissueMask`."""
+    mask = getattr(tissue, "mask", None)
+    downsample = getattr(tissue, "downsample", None)
+    if mask is None or downsample is None:
+        raise ValueError(
+            "tissue must have .mask and .downsample (a TissueMask from "
+            f"wsi_hipe.tissue.detect_tissue), got {type(tissue).__name__}"
+        )
+    return area_fractions(mask, float(downsample), boxes)
 
 
 def make_grid(
@@ -371,19 +434,9 @@ def make_grid(
     -------
     TileGrid
     """
-    if len(level0_size) != 2:
-        raise ValueError(f"level0_size must be (width, height), got {level0_size!r}")
-    width0, height0 = (int(v) for v in level0_size)
-    if width0 <= 0 or height0 <= 0 or (width0, height0) != tuple(level0_size):
-        raise ValueError(f"level0_size must be two positive integers, got {level0_size!r}")
+    width0, height0 = _check_grid_args(level0_size, tile_size, halo, min_tissue)
     slide_mpp = _positive("slide_mpp", slide_mpp)
     target_mpp = _positive("target_mpp", target_mpp)
-    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 1:
-        raise ValueError(f"tile_size must be a positive integer (target px), got {tile_size!r}")
-    if isinstance(halo, bool) or not isinstance(halo, (int, np.integer)) or halo < 0:
-        raise ValueError(f"halo must be an integer >= 0 (target px), got {halo!r}")
-    if not 0.0 <= float(min_tissue) <= 1.0:
-        raise ValueError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}")
     tile_size, halo = int(tile_size), int(halo)
 
     scale = target_mpp / slide_mpp
@@ -403,40 +456,16 @@ def make_grid(
         keep = np.ones(rows.size, dtype=bool)
         min_tissue = 0.0
     else:
-        mask = getattr(tissue, "mask", None)
-        downsample = getattr(tissue, "downsample", None)
-        if mask is None or downsample is None:
-            raise ValueError(
-                "tissue must have .mask and .downsample (a TissueMask from "
-                f"wsi_hipe.tissue.detect_tissue), got {type(tissue).__name__}"
-            )
         boxes = np.stack([xs * scale, ys * scale, core_w * scale, core_h * scale], axis=1)
-        fractions = area_fractions(mask, float(downsample), boxes)
+        fractions = _tissue_fractions(tissue, boxes)
         keep = fractions >= float(min_tissue) - 1e-12
 
+    columns = (rows, cols, ys, xs, core_h, core_w, fractions)
     tiles = tuple(
-        Tile(
-            index=i,
-            row=int(r),
-            col=int(c),
-            y=int(y),
-            x=int(x),
-            core=(int(h), int(w)),
-            tissue=float(f),
-        )
-        for i, (r, c, y, x, h, w, f) in enumerate(
-            zip(
-                rows[keep],
-                cols[keep],
-                ys[keep],
-                xs[keep],
-                core_h[keep],
-                core_w[keep],
-                fractions[keep],
-                strict=True,
-            )
-        )
-    )
+        Tile(index=i, row=int(r), col=int(c), y=int(y), x=int(x), core=(int(h), int(w)),
+             tissue=float(f))
+        for i, (r, c, y, x, h, w, f) in enumerate(zip(*(a[keep] for a in columns), strict=True))
+    )  # fmt: skip
     logger.debug(
         "grid %dx%d target px (scale %.6g), %d of %d tiles kept",
         width,
