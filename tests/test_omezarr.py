@@ -19,14 +19,16 @@ import zarr
 
 from wsi_hipe.errors import OutputError, ResumeMismatchError
 from wsi_hipe.omezarr import (
+    NGFF_VERSIONS,
     create_output,
-    level_transform,
     make_fingerprint,
+    ome_attrs,
     open_output,
     pyramid_shapes,
     read_output,
 )
 from wsi_hipe.stitch import downsample_mean, downsample_mode
+from wsi_hipe.tiling import pixel_transform
 
 SHAPE, CHUNK = (50, 70), 16  # 4 x 5 tiles, the last row/column partial
 MPP, SLIDE_MPP = 1.0, 0.25
@@ -103,18 +105,46 @@ def test_pyramid_shapes_halve_with_ceil_until_one_chunk():
         pyramid_shapes((50, 70), 16, levels=0)
 
 
-def test_level_transform_aligns_pixel_centres_with_the_slide():
+def test_level_transforms_align_pixel_centres_with_the_slide(tmp_path):
     # Output pixel i of level k covers slide level-0 px [i·2^k·s, (i+1)·2^k·s); its centre in µm,
     # with slide pixel j centred at j·slide_mpp, is ((i + 1/2)·2^k·s − 1/2)·slide_mpp.
     mpp, slide_mpp = 0.5, 0.2
     s = mpp / slide_mpp
+    store = create_output(tmp_path / "o.ome.zarr", shape=(40, 40), chunk=8, mpp=mpp,
+                          slide_mpp=slide_mpp, fingerprint="fp")  # fmt: skip
+    store.finalize()
+    view = read_output(tmp_path / "o.ome.zarr")
+    assert view.levels == 4
     for k in range(4):
-        scale, translation = level_transform(k, mpp=mpp, slide_mpp=slide_mpp)
+        scale, translation = view.scale(k), view.translation(k)
+        assert scale == (mpp * 2**k, mpp * 2**k)  # exactly the output's µm/px
         for i in (0, 3, 11):
             expected = ((i + 0.5) * 2**k * s - 0.5) * slide_mpp
             assert i * scale[0] + translation[0] == pytest.approx(expected)
             assert i * scale[1] + translation[1] == pytest.approx(expected)
-    assert level_transform(0, mpp=0.25, slide_mpp=0.25) == ([0.25, 0.25], [0.0, 0.0])
+        assert view.transform(k).to_world(3, 11) == pytest.approx(
+            (3 * scale[0] + translation[0], 11 * scale[1] + translation[1])
+        )
+    assert pixel_transform(0.25, mpp=0.25).ngff() == ([0.25, 0.25], [0.0, 0.0])
+
+
+def test_ngff_versions_are_the_config_vocabulary():
+    from typing import get_args
+
+    from wsi_hipe.config import NgffVersion
+
+    assert tuple(NGFF_VERSIONS) == get_args(NgffVersion)
+    assert NGFF_VERSIONS == {"0.4": 2, "0.5": 3}
+
+
+def test_ome_attrs_finds_ngff_keys_for_either_version(finished):
+    path, _, _, ngff = finished
+    root = zarr.open_group(str(path), mode="r")
+    attrs = dict(root.attrs)
+    assert ("ome" in attrs) == (ngff == "0.5")
+    assert ome_attrs(attrs)["multiscales"][0]["name"] == "saliency"
+    assert ome_attrs(dict(root["labels"].attrs))["labels"] == ["segmentation", "tissue"]
+    assert "wsi_hipe" in attrs  # provenance stays at the top level in both versions
 
 
 # --- round trip -----------------------------------------------------------------------------------
@@ -165,7 +195,7 @@ def test_ome_zarr_py_reads_levels_axes_scales_and_labels(finished):
     assert {a["unit"] for a in image.metadata["axes"]} == {"micrometer"}
     transforms = image.metadata["coordinateTransformations"]
     for k, ts in enumerate(transforms):
-        scale, translation = level_transform(k, mpp=MPP, slide_mpp=SLIDE_MPP)
+        scale, translation = pixel_transform(SLIDE_MPP, mpp=MPP * 2**k).ngff()
         assert ts == [
             {"type": "scale", "scale": scale},
             {"type": "translation", "translation": translation},
@@ -388,9 +418,9 @@ def test_fingerprint_or_layout_mismatch_refuses_to_resume(tmp_path):
     )
     with pytest.raises(ResumeMismatchError, match="another config/model"):
         open_output(path, fingerprint={"config": {"mpp": 1.0}, "model": "m2"})
-    with pytest.raises(ResumeMismatchError, match="--overwrite or another -o"):
+    with pytest.raises(ResumeMismatchError, match="pass overwrite=True"):
         _create(path, fingerprint="other", resume=True)
-    with pytest.raises(ResumeMismatchError, match="chunk"):
+    with pytest.raises(ResumeMismatchError, match="chunk.*pass overwrite=True"):
         _create(path, fingerprint={"model": "m1", "config": {"mpp": 1.0}}, chunk=32, resume=True)
     store = open_output(path, fingerprint={"model": "m1", "config": {"mpp": 1.0}})  # key order
     assert store.finished_tiles() == {0}
@@ -407,7 +437,8 @@ def test_make_fingerprint_is_order_independent_and_sensitive():
 def test_overwrite_replaces_an_output_but_never_a_foreign_folder(tmp_path):
     path = tmp_path / "o.ome.zarr"
     _create(path).record_tile({"index": 5, "status": "done"})
-    with pytest.raises(OutputError, match="already exists"):
+    # A library error names the library's fix (the CLI words it as its flags).
+    with pytest.raises(OutputError, match="already exists; pass overwrite=True .* resume=True"):
         _create(path)
     fresh = _create(path, overwrite=True, fingerprint="fp-2")
     assert fresh.finished_tiles() == set()
@@ -416,14 +447,14 @@ def test_overwrite_replaces_an_output_but_never_a_foreign_folder(tmp_path):
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("precious")
-    with pytest.raises(OutputError, match="refusing to delete"):
+    with pytest.raises(OutputError, match="refusing to delete.*another path"):
         _create(foreign, overwrite=True)
     assert (foreign / "thesis.txt").read_text() == "precious"
-    with pytest.raises(OutputError, match="not a wsi-hipe output"):
+    with pytest.raises(OutputError, match="not a wsi-hipe output.*another path"):
         open_output(foreign)
     with pytest.raises(OutputError):
         read_output(foreign)
-    with pytest.raises(OutputError, match="no output"):
+    with pytest.raises(OutputError, match=r"no output.*create_output\(\)"):
         open_output(tmp_path / "missing.ome.zarr")
 
 
@@ -434,7 +465,7 @@ def test_interrupted_creation_is_not_resumable(tmp_path):
     attrs = dict(root.attrs)
     attrs["wsi_hipe"]["output"]["state"] = "creating"
     root.attrs.put(attrs)
-    with pytest.raises(OutputError, match="incomplete"):
+    with pytest.raises(OutputError, match="incomplete.*pass overwrite=True"):
         open_output(path)
     assert _create(path, overwrite=True).finished_tiles() == set()
 
