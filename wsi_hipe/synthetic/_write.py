@@ -31,14 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from wsi_hipe.errors import OutputError
-from wsi_hipe.synthetic._render import (
-    CELL_CLASSES,
-    _check_int,
-    _check_mpp,
-    _check_seed,
-    _check_size,
-    render_region,
-)
+from wsi_hipe.synthetic._params import CELL_CLASSES, check_int, check_mpp, check_seed, check_size
+from wsi_hipe.synthetic._render import render_region
 
 __all__ = ["LAYOUTS", "SyntheticSlide", "ground_truth_paths", "write_slide"]
 
@@ -190,12 +184,12 @@ class _TiffSink:
 def _check_options(layout, tile_size, gt_downsample) -> tuple[str, int, int]:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
-    tile_size = _check_int("tile_size", tile_size, minimum=16)
+    tile_size = check_int("tile_size", tile_size, minimum=16)
     if tile_size % 16:
         raise ValueError(
             f"tile_size must be a multiple of 16 (TIFF tiles), got {tile_size}; try 256 or 512"
         )
-    d = _check_int("gt_downsample", gt_downsample, minimum=1)
+    d = check_int("gt_downsample", gt_downsample, minimum=1)
     if tile_size % d or (tile_size // d) % 16:
         ok = [
             k
@@ -268,11 +262,11 @@ def write_slide(
     import tifffile
 
     path = Path(path)
-    width, height = _check_size(size)
-    seed = _check_seed(seed)
-    mpp = _check_mpp(mpp)
+    width, height = check_size(size)
+    seed = check_seed(seed)
+    mpp = check_mpp(mpp)
     layout, tile, d = _check_options(layout, tile_size, gt_downsample)
-    n_workers = _check_int("workers", workers, minimum=1)
+    n_workers = check_int("workers", workers, minimum=1)
     if not isinstance(artefacts, (bool, np.bool_)):
         raise ValueError(f"artefacts must be True or False, got {artefacts!r}")
     if not path.parent.is_dir():
