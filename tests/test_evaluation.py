@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from wsi_hipe import evaluation
 from wsi_hipe.errors import ConfigError
 from wsi_hipe.evaluation import (
     DEFAULT_METHODS,
@@ -23,6 +25,7 @@ from wsi_hipe.evaluation import (
     evaluate_samples,
     load_evaluation_config,
 )
+from wsi_hipe.models import architecture_dict, build_unet, save_checkpoint
 
 pytest.importorskip("captum")
 
@@ -101,6 +104,7 @@ def test_evaluate_samples_without_ground_truth_reports_nan():
     empty = Sample("no gt", blob_sample(0).x, np.zeros((SIZE, SIZE), np.int32))
     res = evaluate_samples(detector, [empty], methods=METHODS[2:], step_fraction=0.1)
     assert res.records[0]["pointing_hit"] is None
+    assert res.settings["deletion_substrate"] == "fade"  # the default, by its one name
     assert math.isnan(res.summary[0]["pointing_hit_rate"])
     assert "n/a" in res.to_markdown()
 
@@ -149,21 +153,16 @@ def test_config_file_loads_and_errors_name_the_key(tmp_path):
         load_evaluation_config(overrides={"tiles.nn": 1})
     with pytest.raises(ConfigError, match="metrics.deletion_substrate"):
         load_evaluation_config(overrides={"metrics.deletion_substrate": "pink"})
+    old = load_evaluation_config(overrides={"metrics.deletion_substrate": "zero"})
+    assert old.metrics.deletion_substrate == "fade"  # the old spelling, mapped to its one name
     with pytest.raises(ConfigError, match="not found"):
         load_evaluation_config(tmp_path / "missing.yaml")
 
 
 def test_run_evaluation_end_to_end_tiny(tmp_path):
     """The configured path: U-Net → lymphocyte area → synthetic tiles → table (tiny)."""
-    pytest.importorskip("wsi_hipe.synthetic")
-    pytest.importorskip("wsi_hipe.scores")
-    from wsi_hipe.models import build_unet
-    from wsi_hipe.synthetic import render_tile  # noqa: F401  (skip cleanly if absent)
-
     torch.manual_seed(0)
     net = build_unet(encoder_depth=3, decoder_channels=(16, 8, 8)).eval()
-    from wsi_hipe import evaluation
-
     res = evaluation.run_evaluation(
         model=net,
         overrides={
@@ -185,11 +184,6 @@ def test_run_evaluation_end_to_end_tiny(tmp_path):
 
 def test_pipeline_script_writes_tables(tmp_path, capsys):
     """pipelines/evaluate.py with a tiny checkpoint: markdown + CSV + settings written."""
-    pytest.importorskip("wsi_hipe.synthetic")
-    import importlib.util
-
-    from wsi_hipe.models import architecture_dict, build_unet, save_checkpoint
-
     arch = dict(
         encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8), in_channels=1, classes=3
     )
@@ -235,10 +229,6 @@ def test_pipeline_script_writes_tables(tmp_path, capsys):
 
 
 def test_run_evaluation_cell_target_tiny():
-    pytest.importorskip("wsi_hipe.synthetic")
-    from wsi_hipe import evaluation
-    from wsi_hipe.models import build_unet
-
     torch.manual_seed(0)
     net = build_unet(encoder_depth=3, decoder_channels=(16, 8, 8)).eval()
     res = evaluation.run_evaluation(

@@ -63,8 +63,8 @@ def test_perfect_map_deletion_and_insertion_exact_auc():
     assert d_good.scores.tolist() == pytest.approx([1.0] + [0.0] * 10)
     assert d_good.auc == pytest.approx(0.05)
     assert d_bad.auc == pytest.approx(0.95)
-    i_good = insertion_curve(total, x, perfect, step_fraction=0.1, substrate="zero")
-    i_bad = insertion_curve(total, x, reverse, step_fraction=0.1, substrate="zero")
+    i_good = insertion_curve(total, x, perfect, step_fraction=0.1, substrate="fade")
+    i_bad = insertion_curve(total, x, reverse, step_fraction=0.1, substrate="fade")
     assert i_good.auc == pytest.approx(0.95)
     assert i_bad.auc == pytest.approx(0.05)
     assert i_good.auc > i_bad.auc and d_good.auc < d_bad.auc
@@ -168,7 +168,8 @@ def test_ties_broken_by_pixel_index():
 
 def test_substrates():
     x = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)
-    assert torch.equal(make_substrate(x, "zero"), torch.zeros_like(x))
+    assert torch.equal(make_substrate(x, "fade"), torch.zeros_like(x))
+    assert torch.equal(make_substrate(x, "zero"), torch.zeros_like(x))  # the old name of "fade"
     assert torch.allclose(make_substrate(x, "mean"), torch.full_like(x, 5.5))
     flat = torch.full((2, 9, 9), 3.0)
     assert torch.allclose(make_substrate(flat, "blur", blur_sigma=2.0), flat)
@@ -182,7 +183,7 @@ def test_curve_input_errors():
     x = torch.ones(1, 4, 4)
     with pytest.raises(ValueError, match="kind"):
         causal_curve(total, x, np.zeros((4, 4)), kind="sideways")
-    with pytest.raises(ValueError, match="substrate"):
+    with pytest.raises(ValueError, match=r"substrate must be one of \['fade', 'mean', 'blur'\]"):
         deletion_curve(total, x, np.zeros((4, 4)), substrate="pink")
     with pytest.raises(ValueError, match="does not match"):
         deletion_curve(total, x, np.zeros((3, 4)))

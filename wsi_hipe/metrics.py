@@ -14,7 +14,7 @@ point ``i`` has the ``n_i = min(i·k, N)`` top-ranked pixels changed, and its ab
 ``n_i / N`` (so it runs from 0 to 1).
 
 - **Deletion**: point ``i`` is the clean input with its ``n_i`` top pixels replaced by the
-  deletion substrate (``"zero"`` by default). Point 0 is the unperturbed input; the last
+  deletion substrate (``"fade"``, i.e. zeros, by default). Point 0 is the unperturbed input; the last
   point is the fully substituted input.
 - **Insertion**: point ``i`` is the insertion substrate (``"blur"`` by default) with the
   ``n_i`` top pixels restored to their clean values. Point 0 is the fully substituted input;
@@ -34,11 +34,12 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
+from wsi_hipe.config import METRIC_SUBSTRATES, MetricSubstrate, canonical_substrate
 from wsi_hipe.hipe import gaussian_blur
 
 __all__ = [
@@ -61,12 +62,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-SubstrateSpec = str | float | int | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+#: A named substrate (:data:`wsi_hipe.config.MetricSubstrate`; the old spelling ``"zero"`` is
+#: still accepted for ``"fade"``), a constant, a tensor of ``x``'s shape or a callable of ``x``.
+SubstrateSpec = (
+    MetricSubstrate | float | int | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+)
 CurveKind = Literal["insertion", "deletion"]
 
-SUBSTRATES = ("zero", "mean", "blur")
-CURVE_KINDS = ("insertion", "deletion")
-DEFAULT_SUBSTRATE: dict[str, str] = {"insertion": "blur", "deletion": "zero"}
+CURVE_KINDS: tuple[str, ...] = get_args(CurveKind)
+DEFAULT_SUBSTRATE: dict[str, MetricSubstrate] = {"insertion": "blur", "deletion": "fade"}
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -114,11 +118,6 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of ``x`` ``(C, H, W)`` per channel, edge-replicated (see hipe.gaussian_blur)."""
-    return gaussian_blur(x, sigma, mode="replicate")
-
-
 def make_substrate(
     x: torch.Tensor, substrate: SubstrateSpec, *, blur_sigma: float = 5.0
 ) -> torch.Tensor:
@@ -128,8 +127,9 @@ def make_substrate(
     ----------
     x : (C, H, W) float tensor
         The clean sample.
-    substrate : {'zero', 'mean', 'blur'}, float, (C, H, W) tensor or callable
-        ``'zero'``: all zeros; ``'mean'``: each channel's mean over the whole image;
+    substrate : {'fade', 'mean', 'blur'}, float, (C, H, W) tensor or callable
+        ``'fade'``: all zeros (``'zero'``, its old name, is accepted too); ``'mean'``: each
+        channel's mean over the whole image;
         ``'blur'``: a Gaussian blur of ``x`` with ``blur_sigma``; a number: that constant;
         a tensor of ``x``'s shape: used as is; a callable: ``substrate(x)`` must return a
         tensor of ``x``'s shape.
@@ -142,16 +142,17 @@ def make_substrate(
     """
     x = _as_tensor_image(x)
     if isinstance(substrate, str):
-        if substrate == "zero":
+        name = canonical_substrate(substrate)
+        if name == "fade":
             return torch.zeros_like(x)
-        if substrate == "mean":
+        if name == "mean":
             return x.mean(dim=(1, 2), keepdim=True).expand_as(x).clone()
-        if substrate == "blur":
+        if name == "blur":
             _check_positive("blur_sigma", blur_sigma)
-            return _gaussian_blur(x, float(blur_sigma))
+            return gaussian_blur(x, float(blur_sigma), mode="replicate")  # per channel
         raise ValueError(
-            f"substrate must be one of {list(SUBSTRATES)}, a number, a tensor or a callable, "
-            f"got {substrate!r}"
+            f"substrate must be one of {list(METRIC_SUBSTRATES)}, a number, a tensor or a "
+            f"callable, got {substrate!r}"
         )
     if isinstance(substrate, bool):
         raise ValueError(f"substrate must not be a bool, got {substrate!r}")
@@ -163,8 +164,8 @@ def make_substrate(
         sub = torch.as_tensor(substrate(x))
     else:
         raise ValueError(
-            f"substrate must be one of {list(SUBSTRATES)}, a number, a tensor or a callable, "
-            f"got {type(substrate).__name__}"
+            f"substrate must be one of {list(METRIC_SUBSTRATES)}, a number, a tensor or a "
+            f"callable, got {type(substrate).__name__}"
         )
     if tuple(sub.shape) != tuple(x.shape):
         raise ValueError(
@@ -286,6 +287,33 @@ def _steps(n_pixels: int, step_fraction: float) -> np.ndarray:
     return np.minimum(np.arange(n_steps + 1) * step, n_pixels)
 
 
+def _check_curve_inputs(
+    x: torch.Tensor, saliency: torch.Tensor | np.ndarray, *, kind: str, batch_size: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``x`` as a (C, H, W) float tensor and ``saliency`` as an (H, W) float64 map, checked."""
+    if kind not in CURVE_KINDS:
+        raise ValueError(f"kind must be one of {list(CURVE_KINDS)}, got {kind!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    x = _as_tensor_image(x)
+    sal = _as_numpy_map(saliency)
+    if sal.shape != tuple(x.shape[1:]):
+        raise ValueError(
+            f"saliency shape {sal.shape} does not match x's spatial shape {tuple(x.shape[1:])}"
+        )
+    return x, sal
+
+
+def _normalised(raw: np.ndarray, clean_score: float) -> np.ndarray:
+    """``raw / clean_score``; raises when the clean score is ~0 (or not finite)."""
+    if not math.isfinite(clean_score) or abs(clean_score) < 1e-12:
+        raise ValueError(
+            f"the clean score f(x) = {clean_score!r} is ~0, so the curve cannot be "
+            "normalised; pick an input the model responds to or pass normalize=False"
+        )
+    return raw / clean_score
+
+
 def causal_curve(
     forward: Forward,
     x: torch.Tensor,
@@ -314,7 +342,7 @@ def causal_curve(
     kind : {'insertion', 'deletion'}
     substrate : see :func:`make_substrate`, optional
         What deleted pixels become / what insertion starts from. Default ``'blur'`` for
-        insertion and ``'zero'`` for deletion.
+        insertion and ``'fade'`` (zeros) for deletion.
     step_fraction : float, optional
         Fraction of the pixels changed per step (default 0.01, i.e. 1 %).
     batch_size : int, optional
@@ -330,16 +358,7 @@ def causal_curve(
     -------
     CausalCurve
     """
-    if kind not in CURVE_KINDS:
-        raise ValueError(f"kind must be one of {list(CURVE_KINDS)}, got {kind!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    x = _as_tensor_image(x)
-    sal = _as_numpy_map(saliency)
-    if sal.shape != tuple(x.shape[1:]):
-        raise ValueError(
-            f"saliency shape {sal.shape} does not match x's spatial shape {tuple(x.shape[1:])}"
-        )
+    x, sal = _check_curve_inputs(x, saliency, kind=kind, batch_size=batch_size)
     sub = make_substrate(
         x, DEFAULT_SUBSTRATE[kind] if substrate is None else substrate, blur_sigma=blur_sigma
     )
@@ -361,15 +380,7 @@ def causal_curve(
         raw = np.concatenate([[clean_score], raw_perturbed])
     else:
         raw = np.concatenate([raw_perturbed, [clean_score]])
-    if normalize:
-        if not math.isfinite(clean_score) or abs(clean_score) < 1e-12:
-            raise ValueError(
-                f"the clean score f(x) = {clean_score!r} is ~0, so the curve cannot be "
-                "normalised; pick an input the model responds to or pass normalize=False"
-            )
-        scores = raw / clean_score
-    else:
-        scores = raw.copy()
+    scores = _normalised(raw, clean_score) if normalize else raw.copy()
     fractions = counts / n
     logger.debug("%s curve: %d points, AUC %.4f", kind, len(counts), auc(fractions, scores))
     return CausalCurve(
@@ -389,7 +400,7 @@ def insertion_curve(forward: Forward, x: torch.Tensor, saliency, **options) -> C
 
 
 def deletion_curve(forward: Forward, x: torch.Tensor, saliency, **options) -> CausalCurve:
-    """Deletion curve (zero substrate by default); see :func:`causal_curve`."""
+    """Deletion curve (fade substrate, zeros, by default); see :func:`causal_curve`."""
     return causal_curve(forward, x, saliency, kind="deletion", **options)
 
 
@@ -399,7 +410,7 @@ def insertion_deletion(
     saliency: torch.Tensor | np.ndarray,
     *,
     insertion_substrate: SubstrateSpec = "blur",
-    deletion_substrate: SubstrateSpec = "zero",
+    deletion_substrate: SubstrateSpec = "fade",
     step_fraction: float = 0.01,
     batch_size: int = 32,
     normalize: bool = True,
