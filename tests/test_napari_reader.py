@@ -9,35 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_hipe.napari._lazy import level_transform
-from wsi_hipe.napari._reader import napari_get_reader
+from wsi_hipe.napari import _lazy
+from wsi_hipe.napari._reader import SLIDE_SUFFIXES, napari_get_reader
 from wsi_hipe.napari._widget import RegionBox
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-# --- pure geometry ----------------------------------------------------------------------------
-
-
-def test_level_transform_puts_level_pixel_centres_on_their_level0_pixels():
-    # A level of downsample d: pixel j averages level-0 pixels j*d .. j*d + d - 1, whose mean
-    # centre (level-0 pixel centres at i * mpp) is (j*d + (d - 1)/2) * mpp.
-    mpp = 0.25
-    for d in (1, 2, 4, 8):
-        t = level_transform(mpp, d)
-        for j in (0, 3, 17):
-            centre = np.mean([i * mpp for i in range(j * d, j * d + d)])
-            assert t.to_world(j, j) == pytest.approx((centre, centre))
-            assert t.to_pixel(centre, centre) == pytest.approx((j, j))
-    assert level_transform(0.5, 1).translation == (0.0, 0.0)
-    assert level_transform(0.5, 4).scale == (2.0, 2.0)
-    assert level_transform(0.5, 4).translation == (0.75, 0.75)
-
-
-@pytest.mark.parametrize("mpp, downsample", [(0, 1), (-1, 2), (float("nan"), 1), (0.5, 0)])
-def test_level_transform_rejects_bad_values(mpp, downsample):
-    with pytest.raises(ValueError, match="must be"):
-        level_transform(mpp, downsample)
+# --- pure geometry (the pixel transform itself: tests/test_tiling.py) ----------------------------------------------------------------------------
 
 
 def test_region_box_covers_the_level0_pixels_a_world_rectangle_touches():
@@ -179,3 +158,56 @@ def test_manifest_is_valid_and_points_at_real_callables():
         module, _, attr = command.python_name.partition(":")
         __import__(module)
         assert callable(getattr(sys.modules[module], attr)), command.python_name
+
+
+def test_manifest_patterns_are_the_slide_suffixes():
+    import fnmatch
+
+    import yaml
+
+    from wsi_hipe import slide
+
+    assert SLIDE_SUFFIXES is slide.SLIDE_SUFFIXES  # one list, owned by wsi_hipe.slide
+    manifest = yaml.safe_load((REPO / "wsi_hipe" / "napari" / "napari.yaml").read_text())
+    (reader,) = manifest["contributions"]["readers"]
+    patterns = reader["filename_patterns"]
+    for suffix in slide.SLIDE_SUFFIXES:
+        name = f"slide{suffix}"
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), f"napari.yaml misses {suffix}"
+    # ... and claims nothing else than outputs and those suffixes.
+    others = [p for p in patterns if p not in ("*.ome.zarr", "*.zarr")]
+    assert sorted(p.removeprefix("*") for p in others) == sorted(slide.SLIDE_SUFFIXES)
+
+
+class _FakeSlide:
+    def __init__(self, path):
+        self.path, self.mpp, self.closed = path, 0.5, 0
+
+    def close(self):
+        self.closed += 1
+
+
+def test_lazy_slide_handles_are_a_bounded_process_cache(monkeypatch):
+    import wsi_hipe.slide
+
+    opened = []
+
+    def fake_open(path, **_options):
+        opened.append(_FakeSlide(path))
+        return opened[-1]
+
+    monkeypatch.setattr(wsi_hipe.slide, "open_slide", fake_open)
+    _lazy.close_cached_slides()
+    n = _lazy.HANDLE_CACHE_SIZE
+    try:
+        for i in range(n + 2):
+            handle = _lazy._slide_handle(f"/fake/{i}.svs", None, "auto")
+            assert handle.slide is opened[-1]
+        assert _lazy._slide_handle(f"/fake/{n + 1}.svs", None, "auto").slide is opened[-1]
+        assert len(opened) == n + 2  # the last one came from the cache
+        assert len(_lazy._HANDLES) == n
+        # The least recently used handles were evicted and closed; the rest stay open.
+        assert [s.closed for s in opened] == [1, 1] + [0] * n
+    finally:
+        _lazy.close_cached_slides()
+    assert all(s.closed == 1 for s in opened) and len(_lazy._HANDLES) == 0

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from wsi_hipe.napari._lazy import LevelTransform, level_transform, slide_pyramid
+from wsi_hipe.napari._lazy import slide_pyramid
+from wsi_hipe.omezarr import ome_attrs
+from wsi_hipe.tiling import PixelTransform, pixel_transform
 
 __all__ = [
     "SALIENCY_COLORMAP",
@@ -23,6 +25,7 @@ __all__ = [
     "output_layer_data",
     "slide_layer_data",
     "result_layer_data",
+    "result_transform",
     "slide_info",
     "saliency_contrast_limits",
 ]
@@ -41,14 +44,6 @@ _CONTRAST_MAX_PIXELS = 2048 * 2048
 LayerData = tuple[Any, dict[str, Any], str]
 
 
-def _ngff_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The NGFF attributes of a group: top level (0.4) or under ``"ome"`` (0.5)."""
-    ome = attrs.get("ome")
-    if isinstance(ome, dict):
-        return ome
-    return attrs
-
-
 def saliency_contrast_limits(levels: list[Any]) -> tuple[float, float]:
     """Contrast limits ``(0, max)`` from the finest level small enough to read whole."""
     chosen = levels[-1]
@@ -62,25 +57,18 @@ def saliency_contrast_limits(levels: list[Any]) -> tuple[float, float]:
     return 0.0, top
 
 
-def _level_metadata(transforms: list[LevelTransform]) -> list[dict[str, list[float]]]:
+def _level_metadata(transforms: list[PixelTransform]) -> list[dict[str, list[float]]]:
     return [{"scale": list(t.scale), "translation": list(t.translation)} for t in transforms]
 
 
-def output_transforms(view: Any) -> list[LevelTransform]:
+def output_transforms(view: Any) -> list[PixelTransform]:
     """Each level's world transform (µm) of an :class:`~wsi_hipe.omezarr.OutputView`."""
-    return [
-        LevelTransform(
-            scale=tuple(float(v) for v in view.scale(k)),
-            translation=tuple(float(v) for v in view.translation(k)),
-        )
-        for k in range(view.levels)
-    ]
+    return [view.transform(k) for k in range(view.levels)]
 
 
 def _label_colormap(attrs: dict[str, Any]) -> Any:
     """A napari direct colormap from NGFF ``image-label`` colours, or None."""
-    ngff = _ngff_attrs(attrs)
-    colors = (ngff.get("image-label") or {}).get("colors")
+    colors = (ome_attrs(attrs).get("image-label") or {}).get("colors")
     if not colors:
         return None
     from napari.utils.colormaps import DirectLabelColormap
@@ -202,6 +190,38 @@ def _label_colormaps(path: Path) -> dict[str, Any]:
     return out
 
 
+def _provenance_slide_layer(path: Path, view: Any, prov: dict[str, Any]) -> LayerData | None:
+    """The slide layer of an output, from the slide path in its provenance, if reachable."""
+    slide_path = view.slide_path
+    if slide_path is None:
+        return None
+    slide_file = Path(slide_path)
+    if not slide_file.is_absolute():
+        slide_file = (path.parent / slide_file).resolve()
+    if not slide_file.exists():
+        logger.warning("slide %s (from the provenance) is not reachable; not shown", slide_file)
+        return None
+    try:
+        return slide_layer_data(
+            slide_file,
+            mpp=view.slide_mpp,
+            channel=_slide_channel(prov),
+            allow_brightfield=_brightfield(prov),
+            config=prov.get("config") if isinstance(prov.get("config"), dict) else None,
+        )
+    except Exception as exc:  # the output is still worth showing without its slide
+        logger.warning("cannot show the slide %s: %s", slide_file, exc)
+        return None
+
+
+def _saliency_limits(view: Any, prov: dict[str, Any]) -> tuple[float, float]:
+    """Contrast limits of the saliency: the range finalize() stored, else computed."""
+    value_range = (prov.get("output") or {}).get("saliency_range")
+    if value_range and value_range[1] is not None and float(value_range[1]) > 0:
+        return 0.0, float(value_range[1])
+    return saliency_contrast_limits(view.saliency)
+
+
 def output_layer_data(path: str | Path, *, with_slide: bool = True) -> list[LayerData]:
     """Layers of a wsi-hipe output: the slide (when reachable), saliency, segmentation, tissue.
 
@@ -238,54 +258,15 @@ def output_layer_data(path: str | Path, *, with_slide: bool = True) -> list[Laye
         "units": "µm",
     }
     layers: list[LayerData] = []
-    config = prov.get("config") if isinstance(prov.get("config"), dict) else None
-    slide_path = view.slide_path
-    if with_slide and slide_path is not None:
-        slide_file = Path(slide_path)
-        if not slide_file.is_absolute():
-            slide_file = (path.parent / slide_file).resolve()
-        if slide_file.exists():
-            try:
-                layers.append(
-                    slide_layer_data(
-                        slide_file,
-                        mpp=view.slide_mpp,
-                        channel=_slide_channel(prov),
-                        allow_brightfield=_brightfield(prov),
-                        config=config,
-                    )
-                )
-            except Exception as exc:  # the output is still worth showing without its slide
-                logger.warning("cannot show the slide %s: %s", slide_file, exc)
-        else:
-            logger.warning("slide %s (from the provenance) is not reachable; not shown", slide_file)
-
-    value_range = (prov.get("output") or {}).get("saliency_range")
-    if value_range and value_range[1] is not None and float(value_range[1]) > 0:
-        limits = (0.0, float(value_range[1]))
-    else:
-        limits = saliency_contrast_limits(view.saliency)
-    layers.append(
-        (
-            list(view.saliency),
-            {
-                "name": "saliency",
-                **placement,
-                "colormap": SALIENCY_COLORMAP,
-                "blending": "additive",
-                "contrast_limits": limits,
-                "metadata": {
-                    "wsi_hipe": {
-                        "kind": "saliency",
-                        "output": str(path),
-                        "levels": levels_meta,
-                        "provenance": prov,
-                    }
-                },
-            },
-            "image",
-        )
-    )
+    slide = _provenance_slide_layer(path, view, prov) if with_slide else None
+    if slide is not None:
+        layers.append(slide)
+    saliency_meta = {"kind": "saliency", "output": str(path), "levels": levels_meta,
+                     "provenance": prov}  # fmt: skip
+    saliency_kwargs = {"name": "saliency", **placement, "colormap": SALIENCY_COLORMAP,
+                       "blending": "additive", "contrast_limits": _saliency_limits(view, prov),
+                       "metadata": {"wsi_hipe": saliency_meta}}  # fmt: skip
+    layers.append((list(view.saliency), saliency_kwargs, "image"))
     colormaps = _label_colormaps(path)
     for name, label_levels, extra in (
         ("segmentation", view.segmentation, {"opacity": 0.5}),
@@ -293,14 +274,9 @@ def output_layer_data(path: str | Path, *, with_slide: bool = True) -> list[Laye
     ):
         if not label_levels:
             continue
-        kwargs: dict[str, Any] = {
-            "name": name,
-            **placement,
-            **extra,
-            "metadata": {
-                "wsi_hipe": {"kind": "labels", "output": str(path), "levels": levels_meta}
-            },
-        }
+        label_meta = {"kind": "labels", "output": str(path), "levels": levels_meta}
+        kwargs: dict[str, Any] = {"name": name, **placement, **extra,
+                                  "metadata": {"wsi_hipe": label_meta}}  # fmt: skip
         if name in colormaps:
             kwargs["colormap"] = colormaps[name]
         layers.append((list(label_levels), kwargs, "labels"))
@@ -381,19 +357,18 @@ def result_layer_data(result: Any, *, slide_mpp: float, name: str) -> list[Layer
     return layers
 
 
-def result_transform(result: Any, *, slide_mpp: float | None = None) -> LevelTransform:
+def result_transform(result: Any, *, slide_mpp: float | None = None) -> PixelTransform:
     """World transform (µm) of a :class:`wsi_hipe.pipeline.RegionResult`'s arrays.
 
     Uses the result's ``scale_um`` / ``translate_um`` when it has them; otherwise its
     ``origin`` (level-0 ``(x, y)`` of the top-left corner of target pixel ``[0, 0]``), ``scale``
-    (level-0 px per target px) and ``slide_mpp``: target pixel ``[0, 0]`` covers level-0
-    ``[x0, x0 + scale)``, whose centre lies at level-0 pixel coordinate ``x0 + (scale − 1)/2``
-    (level-0 pixel ``i`` centred at world ``i·slide_mpp``).
+    (level-0 px per target px) and ``slide_mpp``, through
+    :func:`wsi_hipe.tiling.pixel_transform`.
     """
     scale_um = getattr(result, "scale_um", None)
     translate_um = getattr(result, "translate_um", None)
     if scale_um is not None and translate_um is not None:
-        return LevelTransform(
+        return PixelTransform(
             scale=(float(scale_um[0]), float(scale_um[1])),
             translation=(float(translate_um[0]), float(translate_um[1])),
         )
@@ -401,8 +376,4 @@ def result_transform(result: Any, *, slide_mpp: float | None = None) -> LevelTra
     if not m0 > 0:
         raise ValueError("the result carries no slide_mpp; pass slide_mpp= (µm per level-0 px)")
     x0, y0 = (float(v) for v in result.origin)
-    base = level_transform(m0, float(result.scale))
-    return LevelTransform(
-        scale=base.scale,
-        translation=(base.translation[0] + y0 * m0, base.translation[1] + x0 * m0),
-    )
+    return pixel_transform(m0, float(result.scale), origin=(y0, x0))

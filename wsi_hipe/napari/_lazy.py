@@ -8,14 +8,13 @@ ever holds a whole level in memory. Each block function receives the slide *path
 Coordinates follow ``docs/INTERFACES.md``: a level of downsample ``d`` has pixel ``j`` covering
 level-0 pixels ``[j·d, (j+1)·d)``, whose centre lies at level-0 pixel coordinate
 ``j·d + (d − 1)/2``. With ``m0`` the level-0 µm/px, a level's world transform in µm is
-``scale = m0·d`` and ``translation = m0·(d − 1)/2`` (see :func:`level_transform`).
+``scale = m0·d`` and ``translation = m0·(d − 1)/2``: :func:`wsi_hipe.tiling.pixel_transform`,
+the project's one pixel-centre ⇄ µm transform.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from wsi_hipe.cache import ProcessCache
+from wsi_hipe.tiling import PixelTransform, pixel_transform
+
 __all__ = [
-    "LevelTransform",
     "SlidePyramid",
-    "level_transform",
     "slide_pyramid",
     "read_slide_chunk",
+    "close_cached_slides",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,59 +40,11 @@ DEFAULT_CHUNK = 512
 #: The pyramid stops at the first level whose longer side is at most this many pixels.
 DEFAULT_MIN_SIZE = 256
 
+#: Slides kept open per process for lazy reads (least recently used ones are closed).
+HANDLE_CACHE_SIZE = 8
 
-@dataclass(frozen=True)
-class LevelTransform:
-    """Where one pyramid level sits in the world, in micrometres.
-
-    Attributes
-    ----------
-    scale : (2,) tuple of float
-        µm per pixel along (y, x).
-    translation : (2,) tuple of float
-        World position (y, x) in µm of the centre of the level's pixel (0, 0).
-    """
-
-    scale: tuple[float, float]
-    translation: tuple[float, float]
-
-    def to_world(self, y: float, x: float) -> tuple[float, float]:
-        """World (y, x) in µm of the level pixel coordinate ``(y, x)`` (pixel centres integral)."""
-        return (
-            self.translation[0] + y * self.scale[0],
-            self.translation[1] + x * self.scale[1],
-        )
-
-    def to_pixel(self, y_um: float, x_um: float) -> tuple[float, float]:
-        """Level pixel coordinate (y, x) of the world point ``(y_um, x_um)`` in µm."""
-        return (
-            (y_um - self.translation[0]) / self.scale[0],
-            (x_um - self.translation[1]) / self.scale[1],
-        )
-
-
-def level_transform(mpp: float, downsample: float = 1.0) -> LevelTransform:
-    """The world transform of a slide level, pixel centres aligned with level 0.
-
-    Parameters
-    ----------
-    mpp : float
-        µm per level-0 pixel (> 0).
-    downsample : float, optional
-        Level-0 pixels per pixel of this level (> 0; below 1 for a finer grid).
-
-    Returns
-    -------
-    LevelTransform
-        ``scale = mpp·downsample`` and ``translation = mpp·(downsample − 1)/2`` on both axes.
-    """
-    if not (mpp > 0 and math.isfinite(mpp)):
-        raise ValueError(f"mpp must be a positive number of µm per pixel, got {mpp!r}")
-    if not (downsample > 0 and math.isfinite(downsample)):
-        raise ValueError(f"downsample must be > 0 (level-0 px per level px), got {downsample!r}")
-    scale = float(mpp * downsample)
-    offset = float(mpp * (downsample - 1) / 2)
-    return LevelTransform(scale=(scale, scale), translation=(offset, offset))
+#: The old name of :class:`wsi_hipe.tiling.PixelTransform` (the tests of the viewer use it).
+LevelTransform = PixelTransform
 
 
 @dataclass(frozen=True)
@@ -105,7 +58,7 @@ class SlidePyramid:
     levels : tuple of (H_k, W_k) float32 dask arrays
         Level ``k`` has downsample ``2**k``; values are the normalised stain (background ≈ 0,
         bright nuclei ≈ 1), as the model sees it.
-    transforms : tuple of LevelTransform
+    transforms : tuple of PixelTransform
         One per level, in µm.
     mpp : float
         µm per level-0 pixel used for the transforms.
@@ -116,7 +69,7 @@ class SlidePyramid:
 
     path: Path
     levels: tuple[Any, ...]
-    transforms: tuple[LevelTransform, ...]
+    transforms: tuple[PixelTransform, ...]
     mpp: float
     mpp_known: bool = True
 
@@ -128,36 +81,46 @@ class SlidePyramid:
 
 # --- one slide handle per process ---------------------------------------------------------
 
-_HANDLES: dict[tuple[Any, ...], tuple[Any, threading.Lock]] = {}
-_HANDLES_LOCK = threading.Lock()
+
+class _SlideHandle:
+    """A :class:`wsi_hipe.slide.Slide` opened for lazy reads, and the lock serialising them."""
+
+    def __init__(self, slide: Any) -> None:
+        self.slide = slide
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        """Drop the slide's reader once no read is in flight (a later read reopens it)."""
+        with self.lock:
+            close = getattr(self.slide, "close", None)
+            if callable(close):
+                close()
+
+
+_HANDLES: ProcessCache[_SlideHandle] = ProcessCache(
+    "napari slides", maxsize=HANDLE_CACHE_SIZE, close_evicted=True
+)
 
 
 def _slide_handle(
     path: str, mpp: float | None, channel: str | int, allow_brightfield: bool = False
-) -> tuple[Any, threading.Lock]:
-    """The cached :class:`wsi_hipe.slide.Slide` for ``path`` in this process, and its lock."""
-    key = (os.getpid(), path, mpp, channel, allow_brightfield)
-    with _HANDLES_LOCK:
-        entry = _HANDLES.get(key)
-        if entry is None:
-            from wsi_hipe.slide import open_slide
+) -> _SlideHandle:
+    """The cached slide for ``path`` in this process (opened on first use)."""
 
-            logger.debug("opening %s for lazy reads (pid %d)", path, os.getpid())
-            slide = open_slide(path, mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
-            entry = (slide, threading.Lock())
-            _HANDLES[key] = entry
-    return entry
+    def open_it() -> _SlideHandle:
+        from wsi_hipe.slide import open_slide
+
+        logger.debug("opening %s for lazy reads", path)
+        return _SlideHandle(
+            open_slide(path, mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
+        )
+
+    return _HANDLES.get((path, mpp, channel, allow_brightfield), open_it)
 
 
 def close_cached_slides() -> None:
     """Close and forget every slide handle this process opened for lazy reads."""
-    with _HANDLES_LOCK:
-        entries = list(_HANDLES.values())
-        _HANDLES.clear()
-    for slide, _lock in entries:
-        close = getattr(slide, "close", None)
-        if callable(close):
-            close()
+    _HANDLES.clear()
 
 
 def read_slide_chunk(
@@ -196,10 +159,10 @@ def read_slide_chunk(
     (height, width) float32 ndarray
         The normalised stain; zero outside the slide.
     """
-    slide, lock = _slide_handle(path, mpp, channel, allow_brightfield)
-    level_mpp = slide.mpp * downsample
-    with lock:
-        region = slide.read(x0 * downsample, y0 * downsample, width, height, mpp=level_mpp)
+    handle = _slide_handle(path, mpp, channel, allow_brightfield)
+    level_mpp = handle.slide.mpp * downsample
+    with handle.lock:
+        region = handle.slide.read(x0 * downsample, y0 * downsample, width, height, mpp=level_mpp)
     region = np.asarray(region, dtype=np.float32)
     if region.shape != (height, width):
         raise ValueError(
@@ -242,6 +205,56 @@ def _regular_chunks(size: int, chunk: int) -> tuple[int, ...]:
     return (chunk,) * full + ((rest,) if rest else ())
 
 
+def _probe(
+    path: Path, mpp: float | None, channel: str | int, allow_brightfield: bool
+) -> tuple[int, int, float, float | None, bool]:
+    """Open the slide once: level-0 ``(width, height)``, its µm/px, the mpp to read with, known.
+
+    A slide without µm/px metadata (and no override) is placed in level-0 pixels (mpp 1).
+    """
+    from wsi_hipe.errors import MissingMppError
+    from wsi_hipe.slide import open_slide
+
+    mpp_known = True
+    try:
+        slide = open_slide(str(path), mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
+    except MissingMppError:
+        logger.warning(
+            "%s has no µm/px metadata; showing it in level-0 pixels (pass mpp= to place it in µm)",
+            path,
+        )
+        mpp, mpp_known = 1.0, False
+        slide = open_slide(str(path), mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
+    try:
+        width, height = (int(v) for v in slide.dimensions)
+        m0 = float(slide.mpp)
+    finally:
+        close = getattr(slide, "close", None)
+        if callable(close):
+            close()
+    return width, height, m0, mpp, mpp_known
+
+
+def _lazy_level(
+    path: Path, name: str, shape: tuple[int, int], chunk: int, downsample: int, **read: Any
+) -> Any:
+    """One lazy level: a dask array whose blocks read the slide (``read``: mpp, channel, ...)."""
+    import dask.array as da
+
+    chunks = (_regular_chunks(shape[0], chunk), _regular_chunks(shape[1], chunk))
+    return da.map_blocks(
+        _chunk_block,
+        chunks=chunks,
+        dtype=np.float32,
+        meta=np.empty((0, 0), dtype=np.float32),
+        name=name,
+        path=str(path),
+        level_chunks=chunks,
+        downsample=downsample,
+        **read,
+    )
+
+
 def slide_pyramid(
     path: str | Path,
     *,
@@ -282,63 +295,28 @@ def slide_pyramid(
     wsi_hipe.errors.SlideNotFoundError, wsi_hipe.errors.SlideFormatError
         The path is missing or not a slide.
     """
-    import dask.array as da
     from dask.base import tokenize
-
-    from wsi_hipe.errors import MissingMppError
-    from wsi_hipe.slide import open_slide
 
     if chunk < 16:
         raise ValueError(f"chunk must be at least 16 px, got {chunk}")
     if min_size < 1:
         raise ValueError(f"min_size must be at least 1 px, got {min_size}")
     path = Path(path)
-    mpp_known = True
-    try:
-        slide = open_slide(str(path), mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
-    except MissingMppError:
-        logger.warning(
-            "%s has no µm/px metadata; showing it in level-0 pixels (pass mpp= to place it in µm)",
-            path,
-        )
-        mpp, mpp_known = 1.0, False
-        slide = open_slide(str(path), mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
-    try:
-        width, height = (int(v) for v in slide.dimensions)
-        m0 = float(slide.mpp)
-    finally:
-        close = getattr(slide, "close", None)
-        if callable(close):
-            close()
-
+    width, height, m0, mpp, mpp_known = _probe(path, mpp, channel, allow_brightfield)
     try:
         stamp = path.stat().st_mtime_ns
     except OSError:
         stamp = 0
     token = tokenize(str(path.resolve()), stamp, mpp, channel, allow_brightfield, chunk)
-    levels = []
-    transforms = []
+    read = {"mpp": mpp, "channel": channel, "allow_brightfield": allow_brightfield}
+    levels, transforms = [], []
     downsample = 1
     while True:
-        h = -(-height // downsample)
-        w = -(-width // downsample)
-        chunks = (_regular_chunks(h, chunk), _regular_chunks(w, chunk))
-        level = da.map_blocks(
-            _chunk_block,
-            chunks=chunks,
-            dtype=np.float32,
-            meta=np.empty((0, 0), dtype=np.float32),
-            name=f"wsi-hipe-slide-{token}-{downsample}",
-            path=str(path),
-            level_chunks=chunks,
-            downsample=downsample,
-            mpp=mpp,
-            channel=channel,
-            allow_brightfield=allow_brightfield,
-        )
-        levels.append(level)
-        transforms.append(level_transform(m0, downsample))
-        if max(h, w) <= min_size:
+        shape = (-(-height // downsample), -(-width // downsample))
+        name = f"wsi-hipe-slide-{token}-{downsample}"
+        levels.append(_lazy_level(path, name, shape, chunk, downsample, **read))
+        transforms.append(pixel_transform(m0, downsample))
+        if max(shape) <= min_size:
             break
         downsample *= 2
     logger.debug("lazy pyramid of %s: %d levels, level 0 %dx%d", path, len(levels), width, height)

@@ -6,55 +6,38 @@ napari-ome-zarr for other Zarr stores, the built-in reader for plain TIFFs).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from wsi_hipe.napari._layers import LayerData, output_layer_data, slide_layer_data
+from wsi_hipe.omezarr import is_output
+from wsi_hipe.slide import SLIDE_SUFFIXES
 
 __all__ = ["napari_get_reader", "is_wsi_hipe_output", "is_slide_file", "SLIDE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
-#: File name endings OpenSlide may open (it decides by content; these are only a first filter).
-SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
-)  # fmt: skip
-
 
 def is_wsi_hipe_output(path: str | Path) -> bool:
     """True when ``path`` is a Zarr group carrying wsi-hipe provenance (NGFF 0.4 or 0.5).
 
-    Reads only the group's small metadata file.
+    Reads only the group's small metadata file (:func:`wsi_hipe.omezarr.is_output`).
     """
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    for meta_name, inner in ((".zattrs", None), ("zarr.json", "attributes")):
-        meta = path / meta_name
-        if not meta.is_file():
-            continue
-        try:
-            attrs = json.loads(meta.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        if inner is not None:
-            attrs = attrs.get(inner) or {}
-        if isinstance(attrs, dict) and isinstance(attrs.get("wsi_hipe"), dict):
-            return True
-    return False
+    return is_output(path)
 
 
 def is_slide_file(path: str | Path) -> bool:
     """True when ``path`` is a file with a slide suffix that OpenSlide recognises and opens.
 
+    The suffixes are :data:`wsi_hipe.slide.SLIDE_SUFFIXES` (``napari.yaml`` lists the same).
+
     Opening reads only the file's headers; a file OpenSlide recognises but cannot open (e.g. an
     unsupported TIFF compression) is left to other readers.
     """
     path = Path(path)
-    if not path.is_file() or path.suffix.lower() not in SLIDE_SUFFIXES:
+    if not path.is_file() or not path.name.lower().endswith(SLIDE_SUFFIXES):
         return False
     try:
         import openslide
