@@ -20,16 +20,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-__all__ = ["TissueMask", "detect_tissue", "THRESHOLDS"]
+__all__ = ["TissueMask", "TissueThreshold", "detect_tissue", "THRESHOLDS"]
 
 logger = logging.getLogger(__name__)
 
 #: Automatic threshold methods: "log-otsu" (default, see above) and scikit-image's
 #: ``threshold_<name>`` on the smoothed thumbnail.
-THRESHOLDS = ("log-otsu", "otsu", "li", "triangle")
+TissueThreshold = Literal["log-otsu", "otsu", "li", "triangle"]
+THRESHOLDS: tuple[str, ...] = get_args(TissueThreshold)
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,74 @@ def _auto_threshold(image: np.ndarray, method: str) -> float:
     return float(np.exp(filters.threshold_otsu(logs)) - eps + low)
 
 
+def _check_options(
+    image: np.ndarray,
+    downsample: float,
+    mpp: float,
+    threshold: str | float,
+    *sizes: float,
+) -> None:
+    """Raise ValueError naming the first bad argument of :func:`detect_tissue`."""
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"thumbnail must be a non-empty 2-D (h, w) array, got shape {image.shape}")
+    for name, value in [("downsample", downsample), ("mpp", mpp)]:
+        if not (
+            isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0
+        ):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    names = ("smooth_um", "closing_um", "min_area_um2", "max_hole_um2")
+    for name, value in zip(names, sizes, strict=True):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if isinstance(threshold, str):
+        if threshold not in THRESHOLDS:
+            raise ValueError(
+                f"threshold must be one of {list(THRESHOLDS)} or a number, got {threshold!r}"
+            )
+    elif not (isinstance(threshold, (int, float, np.number)) and math.isfinite(threshold)):
+        raise ValueError(
+            f"threshold must be one of {list(THRESHOLDS)} or a number, got {threshold!r}"
+        )
+
+
+def _reduce(image: np.ndarray, sigma_px: float) -> tuple[np.ndarray, int]:
+    """Block-average ``image`` to a resolution matched to the smoothing (px ~ sigma / 4).
+
+    Returns the reduced image and the block side (1: unchanged); the mask is expanded back at
+    the end.
+    """
+    factor = max(1, int(sigma_px / 4)) if sigma_px > 0 else 1
+    if factor > 1:
+        h, w = image.shape
+        padded = np.pad(image, ((0, -h % factor), (0, -w % factor)), mode="edge")
+        image = padded.reshape(padded.shape[0] // factor, factor, -1, factor).mean(axis=(1, 3))
+    return image, factor
+
+
+def _clean(
+    mask: np.ndarray, px_um: float, closing_um: float, max_hole_um2: float, min_area_um2: float
+) -> np.ndarray:
+    """Close gaps (a disk of ``closing_um``), fill small holes, drop small specks."""
+    from scipy import ndimage
+
+    radius = closing_um / px_um
+    if radius >= 1 and mask.any():
+        # Closing with a Euclidean disk via distance transforms (cost independent of radius);
+        # the image border does not erode.
+        dilated = ndimage.distance_transform_edt(~mask) <= radius
+        mask = ndimage.distance_transform_edt(dilated) > radius
+    area_px_um2 = px_um * px_um
+    mask = _fill_small_holes(mask, max_hole_um2 / area_px_um2)
+    min_px = min(min_area_um2 / area_px_um2, 0.25 * mask.size)
+    return _remove_small(mask, min_px)
+
+
 def detect_tissue(
     thumbnail: np.ndarray,
     *,
     downsample: float,
     mpp: float,
-    threshold: str | float = "log-otsu",
+    threshold: TissueThreshold | float = "log-otsu",
     smooth_um: float = 2.0,
     closing_um: float = 20.0,
     min_area_um2: float = 10_000.0,
@@ -139,42 +203,12 @@ def detect_tissue(
     from scipy import ndimage
 
     image = np.asarray(thumbnail, dtype=np.float64)
-    if image.ndim != 2 or image.size == 0:
-        raise ValueError(f"thumbnail must be a non-empty 2-D (h, w) array, got shape {image.shape}")
-    for name, value in [("downsample", downsample), ("mpp", mpp)]:
-        if not (
-            isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0
-        ):
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    for name, value in [
-        ("smooth_um", smooth_um),
-        ("closing_um", closing_um),
-        ("min_area_um2", min_area_um2),
-        ("max_hole_um2", max_hole_um2),
-    ]:
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if isinstance(threshold, str):
-        if threshold not in THRESHOLDS:
-            raise ValueError(
-                f"threshold must be one of {list(THRESHOLDS)} or a number, got {threshold!r}"
-            )
-    elif not (isinstance(threshold, (int, float, np.number)) and math.isfinite(threshold)):
-        raise ValueError(
-            f"threshold must be one of {list(THRESHOLDS)} or a number, got {threshold!r}"
-        )
-
-    px_um = float(mpp) * float(downsample)
+    sizes = (smooth_um, closing_um, min_area_um2, max_hole_um2)
+    _check_options(image, downsample, mpp, threshold, *sizes)
     image = np.where(np.isfinite(image), image, 0.0)
     full_shape = image.shape
-    # Work at a resolution matched to the smoothing (px ~ sigma / 4): a fine thumbnail is
-    # block-averaged first, and the mask is expanded back at the end.
-    factor = max(1, int(smooth_um / px_um / 4)) if smooth_um > 0 else 1
-    if factor > 1:
-        h, w = image.shape
-        padded = np.pad(image, ((0, -h % factor), (0, -w % factor)), mode="edge")
-        image = padded.reshape(padded.shape[0] // factor, factor, -1, factor).mean(axis=(1, 3))
-        px_um *= factor
+    image, factor = _reduce(image, smooth_um / (float(mpp) * float(downsample)))
+    px_um = float(mpp) * float(downsample) * factor
     sigma_px = smooth_um / px_um
     smoothed = (
         ndimage.gaussian_filter(image, sigma_px, mode="nearest") if sigma_px >= 0.3 else image
@@ -188,18 +222,7 @@ def detect_tissue(
         value = _auto_threshold(smoothed, threshold)
     else:
         value = float(threshold)
-    mask = smoothed > value
-
-    radius = closing_um / px_um
-    if radius >= 1 and mask.any():
-        # Closing with a Euclidean disk via distance transforms (cost independent of radius);
-        # the image border does not erode.
-        dilated = ndimage.distance_transform_edt(~mask) <= radius
-        mask = ndimage.distance_transform_edt(dilated) > radius
-    area_px_um2 = px_um * px_um
-    mask = _fill_small_holes(mask, max_hole_um2 / area_px_um2)
-    min_px = min(min_area_um2 / area_px_um2, 0.25 * mask.size)
-    mask = _remove_small(mask, min_px)
+    mask = _clean(smoothed > value, px_um, closing_um, max_hole_um2, min_area_um2)
     if factor > 1:
         mask = np.repeat(np.repeat(mask, factor, axis=0), factor, axis=1)
         mask = mask[: full_shape[0], : full_shape[1]]
