@@ -42,8 +42,7 @@ def _salient_lymphocyte(output: Path) -> tuple[float, float]:
     totals = ndimage.sum(saliency, lymphocytes, index=np.arange(1, n + 1))
     best = int(np.argmax(totals)) + 1
     cy, cx = ndimage.center_of_mass(lymphocytes == best)
-    (sy, sx), (ty, tx) = view.scale(level), view.translation(level)
-    return ty + cy * sy, tx + cx * sx
+    return view.transform(level).to_world(cy, cx)
 
 
 def main(argv: list[str] | None = None) -> int:

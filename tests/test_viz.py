@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from wsi_hipe import slide as slide_mod
 from wsi_hipe.omezarr import SEGMENTATION_COLORS, create_output, read_output
 from wsi_hipe.viz import overview_images, overview_png
 
@@ -79,7 +80,6 @@ def test_unfinalized_output_is_strided(tmp_path):
 
 
 def test_slide_thumbnail_is_drawn_under_the_saliency(tmp_path):
-    slide_mod = pytest.importorskip("wsi_hipe.slide")
     # A slide of 192x128 px (2 per output px): bright left half, dark right half.
     stain = np.zeros((SHAPE[0] * 2, SHAPE[1] * 2), np.uint8)
     stain[:, : SHAPE[1]] = 200
