@@ -24,6 +24,7 @@ from wsi_hipe.models import (
     file_sha256,
     fold_batchnorm,
     load_model,
+    logits_to_labels,
     model_sha256,
     resolve_device,
     save_checkpoint,
@@ -331,6 +332,22 @@ def test_torchscript_class_names_argument(tmp_path: Path) -> None:
     )
 
 
+def test_segment_from_given_logits_equals_segmenting_the_input() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:  # class 1 where x > 0.5; class 2 never
+        return torch.cat([torch.zeros_like(x), 4 * (x - 0.5), torch.full_like(x, -3.0)], dim=1)
+
+    x = torch.linspace(0, 1, 64).view(1, 1, 8, 8)
+    expected = (x[:, 0] > 0.5).long()
+    for activation in ("softmax", "sigmoid"):
+        model = load_model(fn, device="cpu", class_names=("a", "b", "c"), activation=activation)
+        labels = model.segment(x)
+        assert labels.dtype == torch.int64 and labels.shape == (1, 8, 8)
+        assert torch.equal(model.segment(x, logits=model(x)), labels)
+        assert torch.equal(logits_to_labels(model(x), activation), labels)
+        # (sigmoid: where no channel exceeds 0.5 the label is background, whatever the argmax)
+        assert torch.equal(labels, expected), activation
+
+
 # --- callables and the wrapper's checks ---------------------------------------------------
 
 
@@ -392,6 +409,8 @@ def test_devices() -> None:
     assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ModelError, match="device must be"):
         resolve_device("gpu0")
+    with pytest.raises(ModelError, match="cuda:N"):  # the choices come from config.DeviceName
+        resolve_device("cuda:x")
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="CUDA is not available"):
             resolve_device("cuda")

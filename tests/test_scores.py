@@ -244,3 +244,23 @@ def test_bad_inputs_and_outputs() -> None:
         core_region(8, 8, halo=4)
     with pytest.raises(TypeError, match="callable"):
         class_area("model")
+
+
+def test_every_run_score_kind_has_a_builder() -> None:
+    from wsi_hipe.config import SCORE_KINDS
+    from wsi_hipe.scores import SCORE_NAMES
+
+    model = KnownProbabilities()
+    for kind in SCORE_KINDS:
+        assert make_score(model, kind, class_index=1).kind == kind
+    assert set(SCORE_KINDS) <= set(SCORE_NAMES)
+
+
+def test_from_logits_equals_calling_the_score() -> None:
+    x = _batch([0.25, 0.5, 0.9])
+    model = KnownProbabilities()
+    region = core_region(8, 8, 2)
+    for score in (class_area(model, region=region), mean_probability(model), logit_sum(model)):
+        torch.testing.assert_close(score.from_logits(model(x)), score(x), rtol=0, atol=0)
+    with pytest.raises(ModelError, match=r"\(B, K, H, W\)"):
+        class_area(model).from_logits(torch.zeros(3, 8, 8))

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_hipe.config import ScoreKind
 from wsi_hipe.errors import ModelError
 
 __all__ = [
@@ -53,17 +54,16 @@ logger = logging.getLogger(__name__)
 ClassSpec = int | str | Sequence[int | str]
 RegionLike = np.ndarray | torch.Tensor
 
-#: Names accepted by :func:`make_score` (aliases map to the same builder).
-SCORE_NAMES = {
+#: The builder of each score kind of a run (:data:`wsi_hipe.config.ScoreKind`) and of the cell
+#: score.
+_KIND_BUILDERS = {
     "area": "class_area",
-    "class_area": "class_area",
     "mean": "mean_probability",
-    "mean_probability": "mean_probability",
     "logit": "logit_sum",
-    "logit_sum": "logit_sum",
     "cell": "cell_area",
-    "cell_area": "cell_area",
 }
+#: Names accepted by :func:`make_score`: the kinds and the builders' own names.
+SCORE_NAMES = {**_KIND_BUILDERS, **{name: name for name in _KIND_BUILDERS.values()}}
 
 _ACTIVATIONS = ("softmax", "sigmoid")
 
@@ -96,7 +96,7 @@ class Score:
     """
 
     model: Callable[[torch.Tensor], torch.Tensor]
-    kind: str
+    kind: ScoreKind
     class_index: tuple[int, ...]
     region: torch.Tensor | None
     scale: float
@@ -125,7 +125,23 @@ class Score:
         ValueError
             The region's shape differs from the model output's ``(H, W)``.
         """
-        out = self.model(batch)
+        return self.from_logits(self.model(batch))
+
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The score of logits the model already returned (no model call).
+
+        ``score.from_logits(model(batch))`` equals ``score(batch)``; the pipeline uses it to
+        score the segmentation pass of a tile instead of running the model twice.
+
+        Parameters
+        ----------
+        logits : (B, K, H, W) tensor
+
+        Returns
+        -------
+        (B,) float32 tensor
+        """
+        out = logits
         if not isinstance(out, torch.Tensor) or out.ndim != 4:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelError(
@@ -489,7 +505,7 @@ def cell_area(
 
 
 def make_score(model: Callable[[torch.Tensor], torch.Tensor], name: str, **kwargs: Any) -> Score:
-    """Build a score by name, for configuration files and the CLI.
+    """Build a score by name: the one score dispatch (configuration files, the CLI, the pipeline).
 
     Parameters
     ----------

@@ -6,7 +6,9 @@
   file, an ``nn.Module`` or any callable, as a :class:`SegmentationModel`:
   ``(B, C, H, W) float32 -> (B, K, H, W)`` float32 logits with ``.meta`` (:class:`ModelMeta`),
   ``.device`` and ``.probabilities(x)``.
-- :func:`bundled_model_path`, :func:`model_sha256` - provenance.
+- :func:`bundled_model_path`, :func:`model_sha256`, :func:`file_sha256` - provenance (the
+  project's one file hash).
+- :func:`resolve_device` - the one device resolution (``"auto"`` → CUDA when available).
 
 The bundled model segments ``("background", "lymphocyte", "nucleus")`` (softmax; "nucleus"
 = non-lymphocyte nuclei) in one normalised Hoechst channel at 0.5 µm/px; see
@@ -38,7 +40,12 @@ from wsi_hipe.models._unet import (
     count_parameters,
     fold_batchnorm,
 )
-from wsi_hipe.models._wrapper import SegmentationModel, logits_to_probabilities, resolve_device
+from wsi_hipe.models._wrapper import (
+    SegmentationModel,
+    logits_to_labels,
+    logits_to_probabilities,
+    resolve_device,
+)
 
 __all__ = [
     "BUNDLED_MODEL_NAME",
@@ -55,6 +62,7 @@ __all__ = [
     "file_sha256",
     "fold_batchnorm",
     "load_model",
+    "logits_to_labels",
     "logits_to_probabilities",
     "model_sha256",
     "read_sidecar",

@@ -174,7 +174,8 @@ def sidecar_path(weights_path: str | os.PathLike[str]) -> Path:
 
 
 def file_sha256(path: str | os.PathLike[str], *, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks.
+    """Hex SHA-256 of a file's bytes, read in chunks: the project's one file hash (weights,
+    slides).
 
     Raises
     ------
@@ -188,7 +189,7 @@ def file_sha256(path: str | os.PathLike[str], *, chunk_size: int = 1 << 20) -> s
             for chunk in iter(lambda: fh.read(chunk_size), b""):
                 digest.update(chunk)
     except OSError as exc:
-        raise CheckpointError(f"cannot read model file {str(path)!r} to hash it: {exc}") from exc
+        raise CheckpointError(f"cannot read {str(path)!r} to hash it: {exc}") from exc
     return digest.hexdigest()
 
 

@@ -151,16 +151,7 @@ def load_model(
     ModelError
         The model is unusable (wrong output shape, unknown spec type, bad argument).
     """
-    overrides: dict[str, Any] = {}
-    if class_names is not None:
-        overrides["class_names"] = tuple(class_names)
-    if activation is not None:
-        overrides["activation"] = activation
-    if in_channels is not None:
-        overrides["in_channels"] = int(in_channels)
-    if mpp is not None:
-        overrides["mpp"] = float(mpp)
-
+    overrides = _described(class_names, activation, in_channels, mpp)
     if isinstance(spec, SegmentationModel):
         if overrides:
             raise ModelError(
@@ -168,52 +159,17 @@ def load_model(
                 "SegmentationModel; load it again from its source with those arguments"
             )
         return spec.to(resolve_device(device)) if device is not None else spec
-
+    options = {"device": device, "autocast": autocast, "channels_last": channels_last}
     if spec is None or (isinstance(spec, str) and spec == "bundled"):
-        model = _load_safetensors(
-            bundled_model_path(),
-            overrides,
-            device=device,
-            autocast=autocast,
-            fuse_batchnorm=fuse_batchnorm,
-            channels_last=True if channels_last is None else channels_last,
-            source="bundled",
-        )
+        model = _load_file(bundled_model_path(), overrides, fuse_batchnorm, "bundled", **options)
     elif isinstance(spec, str | os.PathLike):
         path = Path(spec).expanduser()
         if path.suffix == ".json":
             path = path.with_suffix(".safetensors")
-        if not path.is_file():
-            raise CheckpointError(
-                f"model file {str(path)!r} not found; pass 'bundled', a .safetensors "
-                f"checkpoint or a TorchScript file ({', '.join(TORCHSCRIPT_SUFFIXES)})"
-            )
-        suffix = path.suffix.lower()
-        if suffix == ".safetensors":
-            model = _load_safetensors(
-                path,
-                overrides,
-                device=device,
-                autocast=autocast,
-                fuse_batchnorm=fuse_batchnorm,
-                channels_last=True if channels_last is None else channels_last,
-                source=str(path),
-            )
-        elif suffix in TORCHSCRIPT_SUFFIXES:
-            model = _load_torchscript(
-                path, overrides, device=device, autocast=autocast, channels_last=channels_last
-            )
-        else:
-            raise CheckpointError(
-                f"cannot tell the format of model file {str(path)!r} from its suffix "
-                f"{suffix!r}; use .safetensors (+ .json sidecar) or a TorchScript file "
-                f"({', '.join(TORCHSCRIPT_SUFFIXES)})"
-            )
+        model = _load_file(path, overrides, fuse_batchnorm, str(path), **options)
     elif callable(spec):
         meta = _meta_without_sidecar(overrides, what=f"the {type(spec).__name__} passed in")
-        model = SegmentationModel(
-            spec, meta, device=device, autocast=autocast, channels_last=channels_last
-        )
+        model = SegmentationModel(spec, meta, **options)
     else:
         raise ModelError(
             f"cannot load a model from {type(spec).__name__}; pass None/'bundled', a "
@@ -225,6 +181,63 @@ def load_model(
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _described(
+    class_names: Sequence[str] | None,
+    activation: str | None,
+    in_channels: int | None,
+    mpp: float | None,
+) -> dict[str, Any]:
+    """The description arguments of :func:`load_model` that were given, as ModelMeta fields."""
+    overrides: dict[str, Any] = {}
+    if class_names is not None:
+        overrides["class_names"] = tuple(class_names)
+    if activation is not None:
+        overrides["activation"] = activation
+    if in_channels is not None:
+        overrides["in_channels"] = int(in_channels)
+    if mpp is not None:
+        overrides["mpp"] = float(mpp)
+    return overrides
+
+
+def _load_file(
+    path: Path,
+    overrides: dict[str, Any],
+    fuse_batchnorm: bool,
+    source: str,
+    *,
+    device: str | torch.device | None,
+    autocast: bool | None,
+    channels_last: bool | None,
+) -> SegmentationModel:
+    """A safetensors checkpoint or a TorchScript archive, told apart by the suffix."""
+    if not path.is_file():
+        raise CheckpointError(
+            f"model file {str(path)!r} not found; pass 'bundled', a .safetensors "
+            f"checkpoint or a TorchScript file ({', '.join(TORCHSCRIPT_SUFFIXES)})"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _load_safetensors(
+            path,
+            overrides,
+            device=device,
+            autocast=autocast,
+            fuse_batchnorm=fuse_batchnorm,
+            channels_last=True if channels_last is None else channels_last,
+            source=source,
+        )
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return _load_torchscript(
+            path, overrides, device=device, autocast=autocast, channels_last=channels_last
+        )
+    raise CheckpointError(
+        f"cannot tell the format of model file {str(path)!r} from its suffix "
+        f"{suffix!r}; use .safetensors (+ .json sidecar) or a TorchScript file "
+        f"({', '.join(TORCHSCRIPT_SUFFIXES)})"
+    )
 
 
 def _meta_without_sidecar(overrides: dict[str, Any], *, what: str, **extra: Any) -> ModelMeta:

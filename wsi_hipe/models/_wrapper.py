@@ -10,18 +10,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsi_hipe.config import check_device
 from wsi_hipe.errors import ModelError
 from wsi_hipe.models._checkpoint import ModelMeta
 
-__all__ = ["SegmentationModel", "resolve_device"]
+__all__ = ["SegmentationModel", "logits_to_labels", "logits_to_probabilities", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """Turn ``None`` / ``"auto"`` / ``"cpu"`` / ``"cuda[:N]"`` into a usable ``torch.device``.
+    """Turn a device name into a usable ``torch.device``: the one device resolution.
 
-    ``None`` and ``"auto"`` pick CUDA when it is available, else the CPU.
+    Parameters
+    ----------
+    device : str, torch.device or None
+        A :data:`wsi_hipe.config.DeviceName` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``),
+        ``"cuda:N"``, a ``torch.device``, or None. ``None`` and ``"auto"`` pick CUDA when it is
+        available, else the CPU.
 
     Raises
     ------
@@ -30,12 +36,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str):
+        try:
+            check_device(device)
+        except ValueError as exc:
+            raise ModelError(f"device {exc}") from None
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ModelError(
-            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
-        ) from exc
+        raise ModelError(f"device must be a torch.device or a device name, got {device!r}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(
             f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'"
@@ -278,8 +287,16 @@ class SegmentationModel(nn.Module):
         with torch.inference_mode(not (torch.is_grad_enabled() and logits.requires_grad)):
             return logits_to_probabilities(logits, self.meta.activation)
 
-    def segment(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-pixel class labels.
+    def segment(self, x: torch.Tensor, *, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-pixel class labels: the one segmentation rule (:func:`logits_to_labels`).
+
+        Parameters
+        ----------
+        x : (B, C, H, W) float tensor
+            Normalised stain.
+        logits : (B, K, H, W) tensor, optional
+            ``self(x)`` when the caller already has it (the pipeline scores and segments one
+            pass): the labels come from these logits and the network does not run again.
 
         Returns
         -------
@@ -287,11 +304,19 @@ class SegmentationModel(nn.Module):
             Argmax over classes (softmax models); for sigmoid models the highest channel
             above 0.5, else 0.
         """
-        probs = self.probabilities(x)
-        labels = probs.argmax(dim=1)
-        if self.meta.activation == "sigmoid":
-            labels = torch.where(probs.amax(dim=1) > 0.5, labels, torch.zeros_like(labels))
-        return labels
+        if logits is None:
+            logits = self(x)
+        with torch.inference_mode(not (torch.is_grad_enabled() and logits.requires_grad)):
+            return logits_to_labels(logits, self.meta.activation)
+
+
+def logits_to_labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """``(B, H, W)`` int64 class labels from ``(B, K, H, W)`` logits (see :meth:`SegmentationModel.segment`)."""
+    probs = logits_to_probabilities(logits, activation)
+    labels = probs.argmax(dim=1)
+    if activation == "sigmoid":
+        labels = torch.where(probs.amax(dim=1) > 0.5, labels, torch.zeros_like(labels))
+    return labels
 
 
 def logits_to_probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
