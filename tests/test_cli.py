@@ -19,6 +19,7 @@ from wsi_hipe import pipeline
 from wsi_hipe.cli import app
 from wsi_hipe.errors import OutputError
 from wsi_hipe.omezarr import read_output
+from wsi_hipe.pipeline._batch import _output_names
 
 #: Small, fast settings for CLI runs (64 px cores, 2 HiPe depths from a 4x4 grid).
 SMALL_YAML = """\
@@ -230,7 +231,7 @@ def test_batch_output_names_are_sanitised_unique_and_inside_outdir(tmp_path):
         pipeline.BatchItem(Path("/data/z/we ird;name$.ome.tiff")),
         pipeline.BatchItem(Path("/data/z/..hidden.svs")),
     ]
-    names = [p.name for p in pipeline._output_names(items, tmp_path)]
+    names = [p.name for p in _output_names(items, tmp_path)]
     assert names == [
         "a.ome.zarr",
         "a-2.ome.zarr",
@@ -240,7 +241,7 @@ def test_batch_output_names_are_sanitised_unique_and_inside_outdir(tmp_path):
     ]
     for bad in ("../x", "/abs/x", "a/../../x"):
         with pytest.raises(OutputError, match="inside the output folder"):
-            pipeline._output_names([pipeline.BatchItem(Path("s.svs"), output=bad)], tmp_path)
+            _output_names([pipeline.BatchItem(Path("s.svs"), output=bad)], tmp_path)
     manifest = tmp_path / "m.csv"
     manifest.write_text("slide,output\ns.svs,../escape\n")
     with pytest.raises(OutputError):
@@ -342,7 +343,8 @@ def test_batch_goes_on_past_an_unexpected_error(workdir, tmp_path, monkeypatch):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(slide, output, **kw)
 
-    monkeypatch.setattr(pipeline, "explain_slide", flaky)
+    # explain_batch calls explain_slide from its own module: patch it where it is looked up.
+    monkeypatch.setattr(pipeline._batch, "explain_slide", flaky)
     folder = tmp_path / "slides"
     folder.mkdir()
     for name in ("a1.tiff", "c1.tiff"):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +81,7 @@ LAYERS = {
     "omezarr": 2,
     "synthetic": 2,
     "baselines": 2,
+    "provenance": 3,  # slide and model identity: uses models (L2) for the one file hash
     "pipeline": 3,
     "schedule": 3,
     "evaluation": 3,
@@ -97,6 +98,11 @@ FORBIDDEN = {
 
 
 def _imports(path: Path) -> set[str]:
+    """Dotted names of the modules a file imports (inside functions and TYPE_CHECKING too).
+
+    ``from wsi_hipe import X`` depends on ``wsi_hipe.X`` when X is a submodule, and on the
+    module that defines X when X is a name the package exports (``hierarchical_perturbation``).
+    """
     import ast
 
     tree = ast.parse(path.read_text())
@@ -106,10 +112,28 @@ def _imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            if node.module == "wsi_hipe":
+                names.update(_top_level_dependency(a.name) for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level > 0:
             pkg = ".".join(path.relative_to(REPO).with_suffix("").parts[: -node.level])
             names.add(f"{pkg}.{node.module}" if node.module else pkg)
     return names
+
+
+def _top_level_dependency(name: str) -> str:
+    """The module that ``from wsi_hipe import name`` depends on."""
+    if (REPO / "wsi_hipe" / name).is_dir() or (REPO / "wsi_hipe" / f"{name}.py").is_file():
+        return f"wsi_hipe.{name}"
+    import wsi_hipe
+
+    value = getattr(wsi_hipe, name)  # an exported name: where it is defined
+    return getattr(value, "__module__", None) or "wsi_hipe"
+
+
+def test_from_wsi_hipe_import_forms_are_checked():
+    # A submodule imported from the package is a dependency on it; so is an exported name.
+    assert _top_level_dependency("pipeline") == "wsi_hipe.pipeline"
+    assert _top_level_dependency("hierarchical_perturbation") == "wsi_hipe.hipe"
 
 
 def test_modules_import_only_from_layers_below():

@@ -12,6 +12,7 @@ from _pipeline_support import SMALL, FailingReader, save_tiny_model, synthetic_i
 from wsi_hipe import hierarchical_perturbation, pipeline
 from wsi_hipe.config import load_config
 from wsi_hipe.errors import OutputError, ResumeMismatchError
+from wsi_hipe.hipe import max_depths
 from wsi_hipe.omezarr import read_output
 from wsi_hipe.schedule import torch_threads
 from wsi_hipe.scores import class_area
@@ -196,7 +197,7 @@ def test_score_floor_skips_with_one_pass_and_zero_saliency(slide, model, cfg, re
 
 def test_skip_bound_holds_on_every_tile(slide, model, region, cfg):
     # 0 <= S(p) <= 4 * D * f(x) for a non-negative score, D = depths that can run.
-    d = pipeline.max_depths(96, start_grid=4, min_cell_size=4, max_depth=2)
+    d = max_depths(96, start_grid=4, min_cell_size=4, max_depth=2)
     assert d == 2
     grid = make_grid((W, H), slide_mpp=0.5, target_mpp=0.5, tile_size=64, halo=16)
     for tile, rec in zip(grid.tiles, region.tiles, strict=True):
@@ -205,21 +206,10 @@ def test_skip_bound_holds_on_every_tile(slide, model, region, cfg):
         assert region.saliency[rows, cols].max() <= 4 * d * rec["score"] * (1 + 1e-6)
 
 
-def test_max_depths_matches_hipe():
-    x = torch.rand(1, 96, 96)
-    for start, min_cell, max_depth in [(None, 4, None), (4, 8, None), (None, 4, 2), (2, 4, None)]:
-        res = hierarchical_perturbation(
-            lambda b: b.flatten(1).pow(2).sum(1),
-            x,
-            start_grid=start,
-            min_cell_size=min_cell,
-            max_depth=max_depth,
-            threshold="mean",
-        )
-        assert res.depth <= pipeline.max_depths(
-            96, start_grid=start, min_cell_size=min_cell, max_depth=max_depth
-        )
-    assert pipeline.max_depths(320, start_grid=None, min_cell_size=4, max_depth=None) == 4
+def test_skip_bound_is_four_times_the_depths_times_the_floor():
+    # Defaults: a 256 + 2 * 32 = 320 px tile runs 4 depths (hipe.max_depths), floor 1 px².
+    assert max_depths(320, start_grid=None, min_cell_size=4, max_depth=None) == 4
+    assert pipeline.skip_bound(load_config()) == pytest.approx(4 * 4 * 1.0)
     assert math.isinf(pipeline.skip_bound(load_config(overrides={"score.kind": "logit"})))
 
 
@@ -260,7 +250,7 @@ def test_resume_refuses_other_config_or_model_and_overwrite_starts_fresh(
         slide, out, config=small.with_overrides({"schedule.scheduler": "threads"}), model=model
     )
     assert third.computed == 0
-    with pytest.raises(ResumeMismatchError, match="--overwrite"):
+    with pytest.raises(ResumeMismatchError, match="overwrite=True"):  # the library fix
         pipeline.explain_slide(
             slide, out, config=small.with_overrides({"score.floor": 3.0}), model=model
         )
@@ -363,6 +353,32 @@ def test_early_stop_off_refines_flat_tiles_like_the_authors(model, cfg):
     assert 1 + 1 + 25 + 9 <= off.forward_passes <= 1 + 1 + 25 + 81
 
 
+def test_region_and_cell_progress_follow_the_slide_contract(slide, model, cfg, region):
+    # progress(done, total): total = tiles of the run, done never decreases, stays below the
+    # next whole tile while HiPe runs inside it, and the last call is (total, total).
+    calls = []
+    pipeline.explain_region(
+        slide, 0, 0, 128, 64, config=cfg, model=model, progress=lambda d, t: calls.append((d, t))
+    )
+    dones = [d for d, _ in calls]
+    assert {t for _, t in calls} == {2} and calls[-1] == (2, 2)
+    assert dones == sorted(dones) and 0 <= min(dones)
+    assert any(0 < d < 1 for d in dones) and any(1 < d < 2 for d in dones)  # depths reported
+    assert [d for d in dones if d == int(d)] == [1, 2]  # whole tiles only when finished
+    cell = []
+    ys, xs = np.nonzero(region.segmentation == 1)
+    pipeline.explain_cell(
+        slide,
+        xs[0] + 0.5,
+        ys[0] + 0.5,
+        config=cfg,
+        model=model,
+        progress=lambda d, t: cell.append((d, t)),
+    )
+    assert {t for _, t in cell} == {1} and cell[-1] == (1, 1)
+    assert [d for d, _ in cell] == sorted(d for d, _ in cell) and any(0 < d < 1 for d, _ in cell)
+
+
 def test_should_stop_interrupts_region(slide, model, cfg):
     calls = []
 
@@ -385,16 +401,6 @@ def test_model_from_file_is_identified_by_hash(tmp_path, slide, cfg):
     assert prov["model"]["sha256"] == file_sha256(path)
 
 
-def _bundled_or_skip():
-    from wsi_hipe.errors import CheckpointError
-    from wsi_hipe.models import bundled_model_path
-
-    try:
-        bundled_model_path()
-    except CheckpointError:
-        pytest.skip("the bundled model weights are not in this checkout yet")
-
-
 @pytest.mark.slow
 def test_end_to_end_saliency_points_at_lymphocytes(tmp_path):
     """Synthetic slide → bundled U-Net → HiPe of the lymphocyte area: saliency on lymphocytes.
@@ -403,7 +409,6 @@ def test_end_to_end_saliency_points_at_lymphocytes(tmp_path):
     enough to score. Measured (commit time): pointing hit rate 1.00 over 4 tiles (chance 0.18),
     mean saliency on lymphocytes 5.4x that on other nuclei.
     """
-    _bundled_or_skip()
     import tifffile
     from scipy import ndimage
 
