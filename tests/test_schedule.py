@@ -140,3 +140,24 @@ def test_output_identical_whatever_the_scheduler(tmp_path, slide_file):
         assert scores == {t["index"]: (t["score"], t["passes"], t["status"]) for t in ref.tiles}
         assert view.fingerprint == ref.fingerprint
     assert np.asarray(ref.saliency[0]).max() > 0
+
+
+class _Handle:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_worker_cache_evicts_and_closes_the_least_recently_used():
+    from wsi_hipe.schedule import clear_worker_cache
+
+    clear_worker_cache()
+    handles = [worker_cache(("evict", i), _Handle) for i in range(8)]
+    assert worker_cache(("evict", 0), _Handle) is handles[0]  # 0 is now the most recent
+    extra = worker_cache(("evict", 8), _Handle)  # a ninth entry evicts the LRU one: 1
+    assert handles[1].closed and not handles[0].closed and not extra.closed
+    assert worker_cache(("evict", 1), _Handle) is not handles[1]
+    clear_worker_cache()
+    assert all(h.closed for h in handles if h is not handles[1]) and extra.closed

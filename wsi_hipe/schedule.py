@@ -31,9 +31,11 @@ import contextlib
 import itertools
 import logging
 import os
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import Any
+
+from wsi_hipe.cache import ProcessCache
+from wsi_hipe.config import check_scheduler
 
 __all__ = [
     "TaskRunner",
@@ -51,58 +53,28 @@ DEFAULT_TORCH_THREADS = 1
 
 logger = logging.getLogger(__name__)
 
-_CACHE: dict[Any, Any] = {}
-_CACHE_LOCK = threading.Lock()
-_KEY_LOCKS: dict[Any, threading.Lock] = {}
-_CACHE_LIMIT = 8
 _THREADS_SET: list[int] = []
 
+#: What tasks load once per worker process (the model, keyed by its path and hash; a slide,
+#: keyed by its path and options). Evicted values are closed (a slide's file handle).
+_WORKER_CACHE: ProcessCache[Any] = ProcessCache("worker", maxsize=8, close_evicted=True)
 
-def worker_cache(key: Any, factory: Callable[[], Any]) -> Any:
+
+def worker_cache(key: Hashable, factory: Callable[[], Any]) -> Any:
     """Return the object cached under ``key`` in this process, building it once with ``factory``.
 
     Used inside tasks for what must be loaded once per worker (the model, keyed by its path
-    and hash) or opened once per worker (a slide, keyed by its path and options). Thread-safe:
-    concurrent callers with the same key wait for one build. At most 8 objects are kept (the
-    oldest is dropped).
+    and hash) or opened once per worker (a slide, keyed by its path and options). A thin use
+    of one :class:`wsi_hipe.cache.ProcessCache`: thread-safe (concurrent callers with the same
+    key wait for one build), per process, at most 8 objects (the least recently used one is
+    dropped and closed).
     """
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-        key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
-    with key_lock:
-        with _CACHE_LOCK:
-            if key in _CACHE:
-                return _CACHE[key]
-        value = factory()
-        with _CACHE_LOCK:
-            while len(_CACHE) >= _CACHE_LIMIT:
-                old_key = next(iter(_CACHE))
-                old = _CACHE.pop(old_key)
-                _KEY_LOCKS.pop(old_key, None)
-                close = getattr(old, "close", None)
-                if callable(close):
-                    try:
-                        close()
-                    except Exception:  # closing a stale handle must not fail a task
-                        logger.debug("closing cached %r failed", old_key, exc_info=True)
-            _CACHE[key] = value
-        return value
+    return _WORKER_CACHE.get(key, factory)
 
 
 def clear_worker_cache() -> None:
     """Drop every object cached by :func:`worker_cache` in this process (closing slides)."""
-    with _CACHE_LOCK:
-        items = list(_CACHE.values())
-        _CACHE.clear()
-        _KEY_LOCKS.clear()
-    for value in items:
-        close = getattr(value, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:
-                logger.debug("closing a cached object failed", exc_info=True)
+    _WORKER_CACHE.clear()
 
 
 def parse_scheduler(spec: str, workers: int = 1) -> tuple[str, int, str | None]:
@@ -111,8 +83,8 @@ def parse_scheduler(spec: str, workers: int = 1) -> tuple[str, int, str | None]:
     Parameters
     ----------
     spec : str
-        ``"sync"``, ``"threads"``, ``"processes"``, ``"local"``, ``"local:N"`` or
-        ``"tcp://host:port"``.
+        A :data:`wsi_hipe.config.SchedulerName` (``"sync"``, ``"threads"``, ``"processes"``,
+        ``"local"``), ``"local:N"`` or ``"tcp://host:port"`` (:func:`wsi_hipe.config.check_scheduler`).
     workers : int
         Worker count for specs that do not carry one.
 
@@ -127,21 +99,16 @@ def parse_scheduler(spec: str, workers: int = 1) -> tuple[str, int, str | None]:
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    if spec == "sync":
-        return "sync", 1, None
-    if spec in ("threads", "processes", "local"):
-        return spec, workers, None
-    if spec.startswith("local:"):
-        count = spec[len("local:") :]
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"scheduler 'local:N' needs a positive integer N, got {spec!r}")
-        return "local", int(count), None
+    try:
+        check_scheduler(spec)  # the grammar: wsi_hipe.config.SchedulerName, local:N, tcp://...
+    except ValueError as exc:
+        raise ValueError(f"scheduler {exc}") from None
     if spec.startswith("tcp://"):
         return "tcp", workers, spec
-    raise ValueError(
-        "scheduler must be 'sync', 'threads', 'processes', 'local', 'local:N' or "
-        f"'tcp://host:port', got {spec!r}"
-    )
+    kind, _, count = spec.partition(":")
+    if kind == "sync":
+        return "sync", 1, None
+    return kind, int(count) if count else workers, None
 
 
 @contextlib.contextmanager
