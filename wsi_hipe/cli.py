@@ -16,9 +16,14 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+from wsi_hipe.config import DEVICES, NGFF_VERSIONS, SCHEDULERS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from wsi_hipe.pipeline import SlideResult, SlideStatus
 
 __all__ = ["app", "main", "DEMO_OVERRIDES"]
 
@@ -141,6 +146,22 @@ def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: The library's errors name the fix a Python caller makes (a keyword argument); on the command
+#: line the same fix is a flag.
+_CLI_FIXES = (
+    ("overwrite=True", "--overwrite"),
+    ("allow_brightfield=True", "--allow-brightfield"),
+    ("to another path", "to another path (-o)"),
+)
+
+
+def _cli_message(message: str) -> str:
+    """An error message with each library fix (``pass overwrite=True``) said as its CLI flag."""
+    for library, flag in _CLI_FIXES:
+        message = message.replace(library, flag)
+    return message
+
+
 @contextmanager
 def _errors():
     """Turn the project's errors into a one-line message and exit code 1 (no traceback)."""
@@ -149,7 +170,7 @@ def _errors():
     try:
         yield
     except WsiHipeError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(_cli_message(str(exc))) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; rerun the same command to resume", 130) from None
 
@@ -202,13 +223,14 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="'bundled', a .safetensors checkpoint or TorchScript."),
 ]
 DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (model.device).")
+    str | None,
+    typer.Option("--device", help=f"{', '.join(DEVICES)} or cuda:N (model.device)."),
 ]
 SchedulerOpt = Annotated[
     str | None,
     typer.Option(
         "--scheduler",
-        help="sync, threads, processes, local:N (LocalCluster) or tcp://host:port.",
+        help=f"{', '.join(SCHEDULERS)}, local:N (a LocalCluster of N workers) or tcp://host:port.",
     ),
 ]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", "-w", min=1, help="Workers.")]
@@ -234,7 +256,9 @@ BrightfieldOpt = Annotated[
         show_default=False,
     ),
 ]
-NgffOpt = Annotated[str | None, typer.Option("--ngff", help="OME-NGFF version: 0.4 or 0.5.")]
+NgffOpt = Annotated[
+    str | None, typer.Option("--ngff", help=f"OME-NGFF version: {' or '.join(NGFF_VERSIONS)}.")
+]
 TileOpt = Annotated[
     int | None, typer.Option("--tile-size", help="Tile core, target px (multiple of 16).")
 ]
@@ -275,7 +299,7 @@ def _load_config(config: Path | None, overrides: dict[str, Any]):
     return cfg
 
 
-def _print_result(result: Any) -> None:
+def _print_result(result: SlideResult) -> None:
     from rich.table import Table
 
     counts = result.counts
@@ -308,7 +332,7 @@ def _run_slide(slide, output: Path, cfg, *, overwrite: bool, label: str = "tiles
     with _progress() as bars, _run_log(output):
         task = bars.add_task(label, total=None)
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: float, total: int) -> None:  # wsi_hipe.pipeline.Progress: tiles
             bars.update(task, completed=done, total=total)
 
         logger.info("wsi-hipe run %s -o %s (config %s)", slide, output, cfg.fingerprint()[:12])
@@ -393,8 +417,6 @@ def batch(
     ] = False,
 ) -> None:
     """Explain many slides, one OUTDIR/<slide>.ome.zarr each, with a summary table."""
-    from rich.table import Table
-
     from wsi_hipe.pipeline import explain_batch, resolve_batch_inputs
 
     cfg = _load_config(
@@ -416,49 +438,74 @@ def batch(
     with _errors():
         n_slides = len(resolve_batch_inputs(inputs))
     outdir.mkdir(parents=True, exist_ok=True)
+    with _batch_logs(outdir) as on_start, _errors(), _progress() as bars:
+        progress, on_slide = _batch_bars(bars, n_slides)
+        statuses = explain_batch(
+            inputs,
+            outdir,
+            config=cfg,
+            overwrite=overwrite,
+            skip_errors=skip_errors,
+            progress=progress,
+            on_slide=on_slide,
+            on_start=on_start,
+        )
+    _print_batch(statuses, outdir)
+    bad = [s for s in statuses if s.status in ("failed", "not run")]
+    partial = [s for s in statuses if s.status == "partial"]
+    if bad:
+        names = ", ".join(Path(s.slide).name for s in bad)
+        raise _fail(f"{len(bad)} of {len(statuses)} slide(s) failed or did not run: {names}")
+    if partial:
+        names = ", ".join(Path(s.slide).name for s in partial)
+        raise _fail(f"some tiles failed in: {names}; rerun to retry them", EXIT_PARTIAL)
+
+
+@contextmanager
+def _batch_logs(outdir: Path):
+    """Log into ``OUTDIR/wsi-hipe-batch.log``, and each slide into its own output's run.log;
+    yields the batch's ``on_start`` hook that switches the slide log."""
+    root = logging.getLogger("wsi_hipe")
     handler = _DeferredFileHandler(outdir / "wsi-hipe-batch.log")
     slide_log: list[_DeferredFileHandler] = []
-    logging.getLogger("wsi_hipe").addHandler(handler)
+    root.addHandler(handler)
+
+    def on_start(slide: str, output: Path) -> None:
+        for old in slide_log:
+            root.removeHandler(old)
+            old.close()
+        slide_log[:] = [_DeferredFileHandler(Path(output) / "wsi_hipe" / "run.log")]
+        root.addHandler(slide_log[0])
+
     try:
-        with _errors(), _progress() as bars:
-            slides_task = bars.add_task("slides", total=n_slides)
-            tiles_task = bars.add_task("tiles", total=None)
-
-            def progress(name: str, done: int, total: int) -> None:
-                bars.update(tiles_task, description=f"tiles {name}", completed=done, total=total)
-
-            def on_slide(status, done: int, total: int) -> None:
-                bars.update(slides_task, completed=done)
-                log = logger.info if status.status == "done" else logger.error
-                log(
-                    "%s: %s%s",
-                    status.slide,
-                    status.status,
-                    f" ({status.error})" if status.error else "",
-                )
-
-            def on_start(slide: str, output: Path) -> None:
-                # Each slide also logs into its own OUT.ome.zarr/wsi_hipe/run.log.
-                for old in slide_log:
-                    logging.getLogger("wsi_hipe").removeHandler(old)
-                    old.close()
-                slide_log[:] = [_DeferredFileHandler(Path(output) / "wsi_hipe" / "run.log")]
-                logging.getLogger("wsi_hipe").addHandler(slide_log[0])
-
-            statuses = explain_batch(
-                inputs,
-                outdir,
-                config=cfg,
-                overwrite=overwrite,
-                skip_errors=skip_errors,
-                progress=progress,
-                on_slide=on_slide,
-                on_start=on_start,
-            )
+        yield on_start
     finally:
         for extra in [handler, *slide_log]:
-            logging.getLogger("wsi_hipe").removeHandler(extra)
+            root.removeHandler(extra)
             extra.close()
+
+
+def _batch_bars(bars: Any, n_slides: int):
+    """The batch's ``progress`` and ``on_slide`` hooks, drawing a slides bar and a tiles bar."""
+    slides_task = bars.add_task("slides", total=n_slides)
+    tiles_task = bars.add_task("tiles", total=None)
+
+    def progress(name: str, done: float, total: int) -> None:  # done, total: tiles
+        bars.update(tiles_task, description=f"tiles {name}", completed=done, total=total)
+
+    def on_slide(status: SlideStatus, done: int, total: int) -> None:
+        bars.update(slides_task, completed=done)
+        log = logger.info if status.status == "done" else logger.error
+        error = f" ({_cli_message(status.error)})" if status.error else ""
+        log("%s: %s%s", status.slide, status.status, error)
+
+    return progress, on_slide
+
+
+def _print_batch(statuses: list[SlideStatus], outdir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"wsi-hipe batch → {outdir}")
     for column in ("slide", "status", "output", "tiles", "failed tiles", "seconds", "error"):
         table.add_column(column, overflow="fold")
@@ -471,19 +518,9 @@ def batch(
             str(r.tiles_total) if r else "",
             str(len(r.failed)) if r else "",
             f"{s.seconds:.1f}",
-            s.error or "",
+            _cli_message(s.error or ""),
         )
-    from rich.console import Console
-
     Console(width=200).print(table)
-    bad = [s for s in statuses if s.status in ("failed", "not run")]
-    partial = [s for s in statuses if s.status == "partial"]
-    if bad:
-        names = ", ".join(Path(s.slide).name for s in bad)
-        raise _fail(f"{len(bad)} of {len(statuses)} slide(s) failed or did not run: {names}")
-    if partial:
-        names = ", ".join(Path(s.slide).name for s in partial)
-        raise _fail(f"some tiles failed in: {names}; rerun to retry them", EXIT_PARTIAL)
 
 
 @app.command()
