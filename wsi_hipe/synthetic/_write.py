@@ -203,6 +203,327 @@ def _check_options(layout, tile_size, gt_downsample) -> tuple[str, int, int]:
     return layout, tile_size, d
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`write_slide` writes, resolved once from its (checked) arguments."""
+
+    path: Path
+    width: int
+    height: int
+    seed: int
+    mpp: float
+    layout: str
+    tile: int
+    d: int  # gt_downsample
+    artefacts: bool
+    workers: int
+    ground_truth: bool
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.layout == "gray16" else np.uint8)
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.layout == "rgb" else 1
+
+    @property
+    def dims(self) -> list[tuple[int, int]]:
+        """(width, height) of each pyramid level, halving down to one tile."""
+        dims = [(self.width, self.height)]
+        while max(dims[-1]) > self.tile:
+            w, h = dims[-1]
+            dims.append(((w + 1) // 2, (h + 1) // 2))
+        return dims
+
+    @property
+    def gt_shape(self) -> tuple[int, int]:
+        d = self.d
+        return (len(range(d // 2, self.height, d)), len(range(d // 2, self.width, d)))
+
+    @property
+    def gt_paths(self) -> dict[str, Path]:
+        return ground_truth_paths(self.path) if self.ground_truth else {}
+
+    @property
+    def res0(self) -> float:
+        return 1e4 / self.mpp  # px per cm
+
+    def tiff_options(self) -> dict:
+        """tifffile ``write`` options shared by every pyramid level."""
+        return {
+            "dtype": self.dtype,
+            "tile": (self.tile, self.tile),
+            "photometric": "rgb" if self.layout == "rgb" else "minisblack",
+            "compression": "zlib",
+            "resolutionunit": "CENTIMETER",
+            "metadata": None,
+            "software": "wsi-hipe",
+            "maxworkers": 1,
+        }
+
+    def shape(self, w: int, h: int) -> tuple[int, ...]:
+        return (h, w, 3) if self.channels == 3 else (h, w)
+
+    def as_layout(self, t: np.ndarray) -> np.ndarray:
+        if self.channels == 1:
+            return np.ascontiguousarray(t)
+        out = np.zeros((*t.shape, 3), dtype=t.dtype)
+        out[..., 2] = t
+        return out
+
+
+def _plan(
+    path: str | Path,
+    *,
+    size: int | tuple[int, int],
+    seed: int,
+    mpp: float,
+    layout: str,
+    tile_size: int,
+    artefacts: bool,
+    ground_truth: bool,
+    gt_downsample: int,
+    workers: int,
+) -> _Plan:
+    """Check :func:`write_slide`'s arguments (errors name the bad one) and resolve them."""
+    path = Path(path)
+    width, height = check_size(size)
+    seed = check_seed(seed)
+    mpp = check_mpp(mpp)
+    layout, tile, d = _check_options(layout, tile_size, gt_downsample)
+    n_workers = check_int("workers", workers, minimum=1)
+    if not isinstance(artefacts, (bool, np.bool_)):
+        raise ValueError(f"artefacts must be True or False, got {artefacts!r}")
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name such as {path / 'slide.tiff'}")
+    if layout == "gray16" and width % tile:
+        logger.warning(
+            "%s: width %d is not a multiple of tile_size %d; OpenSlide misreads the last tile "
+            "column of 16-bit slides (use a width of %d)",
+            path,
+            width,
+            tile,
+            width - width % tile or tile,
+        )
+    return _Plan(
+        path=path,
+        width=width,
+        height=height,
+        seed=seed,
+        mpp=mpp,
+        layout=layout,
+        tile=tile,
+        d=d,
+        artefacts=bool(artefacts),
+        workers=n_workers,
+        ground_truth=bool(ground_truth),
+    )
+
+
+def _render(plan: _Plan, x0: int, y0: int):
+    tw, th = min(plan.tile, plan.width - x0), min(plan.tile, plan.height - y0)
+    kw = {
+        "seed": plan.seed,
+        "mpp": plan.mpp,
+        "slide_size": (plan.width, plan.height),
+        "artefacts": plan.artefacts,
+    }
+    return render_region(x0, y0, tw, th, **kw)
+
+
+def _rendered(plan: _Plan) -> Iterator:
+    """Level-0 tiles in row-major order, rendered ``workers`` at a time (bounded ahead)."""
+    tile = plan.tile
+    origins = [(x0, y0) for y0 in range(0, plan.height, tile) for x0 in range(0, plan.width, tile)]
+    if plan.workers == 1:
+        for x0, y0 in origins:
+            yield _render(plan, x0, y0)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(plan.workers, thread_name_prefix="wsi-hipe-synth") as pool:
+        pending: collections.deque = collections.deque()
+        for x0, y0 in origins:
+            pending.append(pool.submit(_render, plan, x0, y0))
+            if len(pending) > 2 * plan.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _level0_tiles(
+    plan: _Plan,
+    sinks: dict[str, _TiffSink],
+    band_file,
+    table,
+    n_cells: dict[str, int],
+    progress: Callable[[int, int], None] | None,
+) -> Iterator[np.ndarray]:
+    """Level-0 tiles for the TIFF writer; on the way, the ground truth goes to ``sinks`` and
+    ``table`` (counted in ``n_cells``) and the 2×2 means of each tile row to ``band_file``."""
+    tile, width, height, d, dtype = plan.tile, plan.width, plan.height, plan.d, plan.dtype
+    scale = float(np.iinfo(dtype).max)
+    n_tiles = math.ceil(width / tile) * math.ceil(height / tile)
+    done = 0
+    tiles = _rendered(plan)
+    for y0 in range(0, height, tile):
+        th = min(tile, height - y0)
+        band = np.zeros(((th + 1) // 2, (width + 1) // 2), dtype=dtype)
+        for x0 in range(0, width, tile):
+            reg = next(tiles)
+            q = np.floor(reg.image * scale + 0.5).astype(dtype)
+            for cell in reg.cells:
+                n_cells[cell["cls"]] += 1
+                if table is not None:
+                    table.writerow(
+                        [cell["id"], f"{cell['x']:.3f}", f"{cell['y']:.3f}", cell["cls"]]
+                        + [cell["area_px"]]
+                    )
+            # a thin last tile may hold no ground-truth sample (x0 + d//2 >= width)
+            if sinks and x0 + d // 2 < width and y0 + d // 2 < height:
+                sub = (slice(d // 2, None, d), slice(d // 2, None, d))
+                sinks["lymphocytes"].put(reg.lymphocytes[sub].astype(np.uint32))
+                sinks["nuclei"].put(reg.nuclei[sub].astype(np.uint8))
+                sinks["tissue"].put(reg.tissue[sub].astype(np.uint8))
+            if band_file is not None:
+                small = _down2(q)
+                band[:, x0 // 2 : x0 // 2 + small.shape[1]] = small
+                if x0 + tile >= width:  # the row is complete; tifffile may not ask again
+                    band.tofile(band_file)
+            done += 1
+            if progress is not None:
+                progress(done, n_tiles)
+            yield plan.as_layout(q)
+
+
+def _level_tiles(plan: _Plan, src: Path, w: int, h: int, dst: Path | None) -> Iterator[np.ndarray]:
+    """Tiles of a level streamed from its scratch file ``src``; its 2×2 means go to ``dst``."""
+    tile, dtype = plan.tile, plan.dtype
+    with open(src, "rb") as fin, open(dst, "wb") if dst else contextlib.nullcontext() as fout:
+        for y0 in range(0, h, tile):
+            th = min(tile, h - y0)
+            band = np.fromfile(fin, dtype=dtype, count=th * w).reshape(th, w)
+            if fout is not None:
+                _down2(band).tofile(fout)
+            for x0 in range(0, w, tile):
+                yield plan.as_layout(band[:, x0 : x0 + tile])
+
+
+def _ground_truth_sinks(
+    plan: _Plan, stack: contextlib.ExitStack, written: list[Path], sinks: dict[str, _TiffSink]
+):
+    """Start the ground-truth TIFF writers (into ``sinks``) and open the cell table."""
+    gt_paths, gt_shape, d = plan.gt_paths, plan.gt_shape, plan.d
+    gt_res = 1e4 / (plan.mpp * d)
+    for key, gdt in (("lymphocytes", np.uint32), ("nuclei", np.uint8), ("tissue", np.uint8)):
+        written.append(gt_paths[key])
+        sinks[key] = _TiffSink(
+            gt_paths[key],
+            bigtiff=gt_shape[0] * gt_shape[1] * 4 > 2**31,
+            shape=gt_shape,
+            dtype=gdt,
+            tile=(plan.tile // d, plan.tile // d),
+            photometric="minisblack",
+            compression="zlib",
+            resolution=(gt_res, gt_res),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+            software="wsi-hipe",
+            description=f"wsi-hipe synthetic ground truth: {key}",
+            maxworkers=1,
+        )
+    written.append(gt_paths["cells"])
+    fcsv = stack.enter_context(open(gt_paths["cells"], "w", newline=""))
+    table = csv.writer(fcsv, lineterminator="\n")
+    table.writerow(["id", "x", "y", "cls", "area_px"])
+    return table
+
+
+def _write_files(
+    plan: _Plan,
+    sinks: dict[str, _TiffSink],
+    written: list[Path],
+    n_cells: dict[str, int],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """The slide (level 0 rendered, lower levels from scratch files) and the ground truth."""
+    import tifffile
+
+    dims, common, res0 = plan.dims, plan.tiff_options(), plan.res0
+    raw_bytes = plan.width * plan.height * plan.channels * plan.dtype.itemsize * 4 // 3
+    with contextlib.ExitStack() as stack:
+        tmp = Path(
+            stack.enter_context(tempfile.TemporaryDirectory(dir=plan.path.parent, prefix=".synth-"))
+        )
+        table = _ground_truth_sinks(plan, stack, written, sinks) if plan.ground_truth else None
+        written.append(plan.path)
+        tif = stack.enter_context(tifffile.TiffWriter(plan.path, bigtiff=raw_bytes > 2**31))
+        band_path = tmp / "level1.raw" if len(dims) > 1 else None
+        with open(band_path, "wb") if band_path else contextlib.nullcontext() as band_file:
+            tif.write(
+                _level0_tiles(plan, sinks, band_file, table, n_cells, progress),
+                shape=plan.shape(plan.width, plan.height),
+                resolution=(res0, res0),
+                description=(
+                    f"wsi-hipe synthetic Hoechst slide; seed={plan.seed}; mpp={plan.mpp}; "
+                    f"layout={plan.layout}; artefacts={plan.artefacts}"
+                ),
+                **common,
+            )
+        for sink in sinks.values():
+            sink.close()
+        for k in range(1, len(dims)):
+            w, h = dims[k]
+            src = tmp / f"level{k}.raw"
+            dst = tmp / f"level{k + 1}.raw" if k + 1 < len(dims) else None
+            res = res0 * w / plan.width
+            tif.write(
+                _level_tiles(plan, src, w, h, dst),
+                shape=plan.shape(w, h),
+                resolution=(res, res),
+                subfiletype=1,
+                **common,
+            )
+            src.unlink()
+
+
+def _write_meta(plan: _Plan, n_cells: dict[str, int]) -> None:
+    """The JSON file describing the ground truth."""
+    gt_paths, gt_shape, d, mpp = plan.gt_paths, plan.gt_shape, plan.d, plan.mpp
+    meta = {
+        "format": "wsi-hipe synthetic slide ground truth",
+        "version": 1,
+        "slide": plan.path.name,
+        "size": [plan.width, plan.height],
+        "mpp": mpp,
+        "seed": plan.seed,
+        "layout": plan.layout,
+        "artefacts": plan.artefacts,
+        "tile_size": plan.tile,
+        "level_dimensions": [list(x) for x in plan.dims],
+        "gt_downsample": d,
+        "gt_mpp": mpp * d,
+        "gt_size": [gt_shape[1], gt_shape[0]],
+        "gt_sampling": "ground-truth pixel (r, c) = level-0 pixel (r*d + d//2, c*d + d//2)",
+        "files": {key: p.name for key, p in gt_paths.items() if key != "meta"},
+        "values": {
+            "lymphocytes": "uint32 instance ids (0 = none), the id column of the cell table",
+            "nuclei": "uint8, 1 = any nucleus (lymphocyte, tumour, stromal), 0 = not",
+            "tissue": "uint8, 1 = tissue, 0 = background",
+        },
+        "cells": (
+            "id, x, y (level-0 px; pixel i has its centre at i), cls (lymphocyte | tumour "
+            "| stromal), area_px (level-0 px of the whole nucleus); one row per cell "
+            "centred inside the slide"
+        ),
+        "n_cells": n_cells,
+    }
+    gt_paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def write_slide(
     path: str | Path,
     *,
@@ -259,202 +580,33 @@ def write_slide(
     -------
     SyntheticSlide
     """
-    import tifffile
-
-    path = Path(path)
-    width, height = check_size(size)
-    seed = check_seed(seed)
-    mpp = check_mpp(mpp)
-    layout, tile, d = _check_options(layout, tile_size, gt_downsample)
-    n_workers = check_int("workers", workers, minimum=1)
-    if not isinstance(artefacts, (bool, np.bool_)):
-        raise ValueError(f"artefacts must be True or False, got {artefacts!r}")
-    if not path.parent.is_dir():
-        raise OutputError(f"output folder {path.parent} does not exist; create it first")
-    if path.is_dir():
-        raise OutputError(f"{path} is a folder; give a file name such as {path / 'slide.tiff'}")
-
-    if layout == "gray16" and width % tile:
-        logger.warning(
-            "%s: width %d is not a multiple of tile_size %d; OpenSlide misreads the last tile "
-            "column of 16-bit slides (use a width of %d)",
-            path,
-            width,
-            tile,
-            width - width % tile or tile,
-        )
-    dtype = np.dtype(np.uint16 if layout == "gray16" else np.uint8)
-    scale = float(np.iinfo(dtype).max)
-    channels = 3 if layout == "rgb" else 1
-    dims = [(width, height)]
-    while max(dims[-1]) > tile:
-        w, h = dims[-1]
-        dims.append(((w + 1) // 2, (h + 1) // 2))
-    raw_bytes = width * height * channels * dtype.itemsize * 4 // 3
-    bigtiff = raw_bytes > 2**31
-    res0 = 1e4 / mpp  # px per cm
-    common = {
-        "dtype": dtype,
-        "tile": (tile, tile),
-        "photometric": "rgb" if layout == "rgb" else "minisblack",
-        "compression": "zlib",
-        "resolutionunit": "CENTIMETER",
-        "metadata": None,
-        "software": "wsi-hipe",
-        "maxworkers": 1,
-    }
-    gt_paths = ground_truth_paths(path) if ground_truth else {}
-    gt_shape = (len(range(d // 2, height, d)), len(range(d // 2, width, d)))
-    gt_bigtiff = gt_shape[0] * gt_shape[1] * 4 > 2**31
-    n_cells = dict.fromkeys(CELL_CLASSES.values(), 0)
-    n_cols = math.ceil(width / tile)
-    n_tiles = n_cols * math.ceil(height / tile)
-    written: list[Path] = []
-
-    def as_layout(t: np.ndarray) -> np.ndarray:
-        if channels == 1:
-            return np.ascontiguousarray(t)
-        out = np.zeros((*t.shape, 3), dtype=t.dtype)
-        out[..., 2] = t
-        return out
-
-    def render(x0: int, y0: int):
-        tw, th = min(tile, width - x0), min(tile, height - y0)
-        kw = {"seed": seed, "mpp": mpp, "slide_size": (width, height), "artefacts": artefacts}
-        return render_region(x0, y0, tw, th, **kw)
-
-    def rendered() -> Iterator:
-        """Level-0 tiles in row-major order, rendered ``workers`` at a time (bounded ahead)."""
-        origins = [(x0, y0) for y0 in range(0, height, tile) for x0 in range(0, width, tile)]
-        if n_workers == 1:
-            for x0, y0 in origins:
-                yield render(x0, y0)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(n_workers, thread_name_prefix="wsi-hipe-synth") as pool:
-            pending: collections.deque = collections.deque()
-            for x0, y0 in origins:
-                pending.append(pool.submit(render, x0, y0))
-                if len(pending) > 2 * n_workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-
-    def level0_tiles(sinks: dict[str, _TiffSink], band_file, table) -> Iterator[np.ndarray]:
-        done = 0
-        tiles = rendered()
-        for y0 in range(0, height, tile):
-            th = min(tile, height - y0)
-            band = np.zeros(((th + 1) // 2, (width + 1) // 2), dtype=dtype)
-            for x0 in range(0, width, tile):
-                reg = next(tiles)
-                q = np.floor(reg.image * scale + 0.5).astype(dtype)
-                for cell in reg.cells:
-                    n_cells[cell["cls"]] += 1
-                    if table is not None:
-                        table.writerow(
-                            [cell["id"], f"{cell['x']:.3f}", f"{cell['y']:.3f}", cell["cls"]]
-                            + [cell["area_px"]]
-                        )
-                # a thin last tile may hold no ground-truth sample (x0 + d//2 >= width)
-                if sinks and x0 + d // 2 < width and y0 + d // 2 < height:
-                    sub = (slice(d // 2, None, d), slice(d // 2, None, d))
-                    sinks["lymphocytes"].put(reg.lymphocytes[sub].astype(np.uint32))
-                    sinks["nuclei"].put(reg.nuclei[sub].astype(np.uint8))
-                    sinks["tissue"].put(reg.tissue[sub].astype(np.uint8))
-                if band_file is not None:
-                    small = _down2(q)
-                    band[:, x0 // 2 : x0 // 2 + small.shape[1]] = small
-                    if x0 + tile >= width:  # the row is complete; tifffile may not ask again
-                        band.tofile(band_file)
-                done += 1
-                if progress is not None:
-                    progress(done, n_tiles)
-                yield as_layout(q)
-
-    def level_tiles(src: Path, w: int, h: int, dst: Path | None) -> Iterator[np.ndarray]:
-        with open(src, "rb") as fin, open(dst, "wb") if dst else contextlib.nullcontext() as fout:
-            for y0 in range(0, h, tile):
-                th = min(tile, h - y0)
-                band = np.fromfile(fin, dtype=dtype, count=th * w).reshape(th, w)
-                if fout is not None:
-                    _down2(band).tofile(fout)
-                for x0 in range(0, w, tile):
-                    yield as_layout(band[:, x0 : x0 + tile])
-
+    plan = _plan(
+        path,
+        size=size,
+        seed=seed,
+        mpp=mpp,
+        layout=layout,
+        tile_size=tile_size,
+        artefacts=artefacts,
+        ground_truth=ground_truth,
+        gt_downsample=gt_downsample,
+        workers=workers,
+    )
+    dims = plan.dims
     logger.info(
         "writing synthetic slide %s: %dx%d px, %d levels, seed %d, %.3g µm/px",
-        path,
-        width,
-        height,
+        plan.path,
+        plan.width,
+        plan.height,
         len(dims),
-        seed,
-        mpp,
+        plan.seed,
+        plan.mpp,
     )
+    n_cells = dict.fromkeys(CELL_CLASSES.values(), 0)
     sinks: dict[str, _TiffSink] = {}
+    written: list[Path] = []
     try:
-        with contextlib.ExitStack() as stack:
-            tmp = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-"))
-            )
-            table = None
-            if ground_truth:
-                gt_res = 1e4 / (mpp * d)
-                for key, gdt in (
-                    ("lymphocytes", np.uint32),
-                    ("nuclei", np.uint8),
-                    ("tissue", np.uint8),
-                ):
-                    written.append(gt_paths[key])
-                    sinks[key] = _TiffSink(
-                        gt_paths[key],
-                        bigtiff=gt_bigtiff,
-                        shape=gt_shape,
-                        dtype=gdt,
-                        tile=(tile // d, tile // d),
-                        photometric="minisblack",
-                        compression="zlib",
-                        resolution=(gt_res, gt_res),
-                        resolutionunit="CENTIMETER",
-                        metadata=None,
-                        software="wsi-hipe",
-                        description=f"wsi-hipe synthetic ground truth: {key}",
-                        maxworkers=1,
-                    )
-                written.append(gt_paths["cells"])
-                fcsv = stack.enter_context(open(gt_paths["cells"], "w", newline=""))
-                table = csv.writer(fcsv, lineterminator="\n")
-                table.writerow(["id", "x", "y", "cls", "area_px"])
-            written.append(path)
-            tif = stack.enter_context(tifffile.TiffWriter(path, bigtiff=bigtiff))
-            band_path = tmp / "level1.raw" if len(dims) > 1 else None
-            with open(band_path, "wb") if band_path else contextlib.nullcontext() as band_file:
-                tif.write(
-                    level0_tiles(sinks, band_file, table),
-                    shape=(height, width, 3) if channels == 3 else (height, width),
-                    resolution=(res0, res0),
-                    description=(
-                        f"wsi-hipe synthetic Hoechst slide; seed={seed}; mpp={mpp}; "
-                        f"layout={layout}; artefacts={bool(artefacts)}"
-                    ),
-                    **common,
-                )
-            for sink in sinks.values():
-                sink.close()
-            for k in range(1, len(dims)):
-                w, h = dims[k]
-                src = tmp / f"level{k}.raw"
-                dst = tmp / f"level{k + 1}.raw" if k + 1 < len(dims) else None
-                res = res0 * w / width
-                tif.write(
-                    level_tiles(src, w, h, dst),
-                    shape=(h, w, 3) if channels == 3 else (h, w),
-                    resolution=(res, res),
-                    subfiletype=1,
-                    **common,
-                )
-                src.unlink()
+        _write_files(plan, sinks, written, n_cells, progress)
     except BaseException:
         for sink in sinks.values():
             sink.abort()
@@ -462,46 +614,17 @@ def write_slide(
             with contextlib.suppress(OSError):
                 p.unlink()
         raise
-
-    if ground_truth:
-        meta = {
-            "format": "wsi-hipe synthetic slide ground truth",
-            "version": 1,
-            "slide": path.name,
-            "size": [width, height],
-            "mpp": mpp,
-            "seed": seed,
-            "layout": layout,
-            "artefacts": bool(artefacts),
-            "tile_size": tile,
-            "level_dimensions": [list(x) for x in dims],
-            "gt_downsample": d,
-            "gt_mpp": mpp * d,
-            "gt_size": [gt_shape[1], gt_shape[0]],
-            "gt_sampling": "ground-truth pixel (r, c) = level-0 pixel (r*d + d//2, c*d + d//2)",
-            "files": {key: p.name for key, p in gt_paths.items() if key != "meta"},
-            "values": {
-                "lymphocytes": "uint32 instance ids (0 = none), the id column of the cell table",
-                "nuclei": "uint8, 1 = any nucleus (lymphocyte, tumour, stromal), 0 = not",
-                "tissue": "uint8, 1 = tissue, 0 = background",
-            },
-            "cells": (
-                "id, x, y (level-0 px; pixel i has its centre at i), cls (lymphocyte | tumour "
-                "| stromal), area_px (level-0 px of the whole nucleus); one row per cell "
-                "centred inside the slide"
-            ),
-            "n_cells": n_cells,
-        }
-        gt_paths["meta"].write_text(json.dumps(meta, indent=2) + "\n")
-    logger.info("wrote %s (%s)", path, ", ".join(f"{v} {k}" for k, v in n_cells.items()))
+    if plan.ground_truth:
+        _write_meta(plan, n_cells)
+    logger.info("wrote %s (%s)", plan.path, ", ".join(f"{v} {k}" for k, v in n_cells.items()))
     return SyntheticSlide(
-        path=path,
-        ground_truth=gt_paths,
+        path=plan.path,
+        ground_truth=plan.gt_paths,
         n_cells=n_cells,
-        mpp=mpp,
-        size=(width, height),
-        seed=seed,
-        layout=layout,
+        mpp=plan.mpp,
+        size=(plan.width, plan.height),
+        seed=plan.seed,
+        layout=plan.layout,
         level_dimensions=tuple(dims),
-        gt_downsample=d,
+        gt_downsample=plan.d,
     )
