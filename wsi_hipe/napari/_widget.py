@@ -26,10 +26,18 @@ from magicgui.widgets import (
     SpinBox,
 )
 
+from wsi_hipe.config import SUBSTRATES, canonical_substrate
 from wsi_hipe.napari._layers import result_layer_data, slide_info
+from wsi_hipe.tiling import pixel_transform
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+
     import napari
+
+    from wsi_hipe.config import Config
+    from wsi_hipe.models import SegmentationModel
+    from wsi_hipe.pipeline import RegionResult
 
 __all__ = ["ExplainWidget", "RegionBox"]
 
@@ -38,9 +46,11 @@ logger = logging.getLogger(__name__)
 #: Class names of the bundled model (``docs/INTERFACES.md``), shown before a model is loaded.
 BUNDLED_CLASSES = ("background", "lymphocyte", "nucleus")
 
-SUBSTRATES = ("mean", "fade", "blur", "noise")
-
 REGION_SOURCES = ("drawn rectangle", "current view")
+
+#: Progress-bar steps per tile: the pipeline reports ``progress(done, total)`` in tiles, with
+#: ``done`` a float that also counts HiPe's depths inside the current tile.
+PROGRESS_STEPS_PER_TILE = 100
 
 #: Largest region side (level-0 px) the widget sends to the pipeline; HiPe's cost grows
 #: with the area, and an interactive run should take seconds, not hours.
@@ -70,7 +80,8 @@ class RegionBox:
     ) -> RegionBox:
         """The level-0 pixels whose areas a world rectangle (µm) touches.
 
-        Level-0 pixel ``i`` is centred at world ``i·mpp`` and covers ``[(i − ½)·mpp, (i + ½)·mpp)``.
+        Level-0 pixel ``i`` is centred at world ``i·mpp`` and covers ``[(i − ½)·mpp, (i + ½)·mpp)``
+        (:func:`wsi_hipe.tiling.pixel_transform`).
         """
         if not mpp > 0:
             raise ValueError(f"mpp must be positive (µm per level-0 px), got {mpp!r}")
@@ -78,10 +89,9 @@ class RegionBox:
             y_min, y_max = y_max, y_min
         if x_max < x_min:
             x_min, x_max = x_max, x_min
-        x0 = math.floor(x_min / mpp + 0.5)
-        y0 = math.floor(y_min / mpp + 0.5)
-        x1 = math.ceil(x_max / mpp + 0.5)
-        y1 = math.ceil(y_max / mpp + 0.5)
+        level0 = pixel_transform(mpp)
+        y0, x0 = (math.floor(v) for v in level0.to_edge(y_min, x_min))
+        y1, x1 = (math.ceil(v) for v in level0.to_edge(y_max, x_max))
         return cls(x0=x0, y0=y0, width=max(1, x1 - x0), height=max(1, y1 - y0))
 
     def clipped(self, width: int, height: int) -> RegionBox:
@@ -91,14 +101,6 @@ class RegionBox:
         x1 = min(max(self.x0 + self.width, x0 + 1), width)
         y1 = min(max(self.y0 + self.height, y0 + 1), height)
         return RegionBox(x0=x0, y0=y0, width=x1 - x0, height=y1 - y0)
-
-
-def _progress_values(args: tuple[Any, ...]) -> tuple[int, int] | None:
-    """(done, total) from a progress hook's arguments: the last two numbers it was given."""
-    numbers = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-    if len(numbers) >= 2:
-        return int(numbers[-2]), int(numbers[-1])
-    return None
 
 
 class ExplainWidget(Container):
@@ -124,13 +126,13 @@ class ExplainWidget(Container):
     ) -> None:
         self._viewer = viewer
         self._extra_overrides = dict(overrides or {})
-        self._models: dict[str, Any] = {}
+        self._models: dict[str, SegmentationModel] = {}
         self._stop = threading.Event()
         self._picking = False
         self._busy = False
         self._runs = 0
         self.worker: Any = None
-        self.last_result: Any = None
+        self.last_result: RegionResult | None = None
         self.last_layers: list[Any] = []
 
         self._slide = ComboBox(label="slide", choices=self._slide_choices)
@@ -207,8 +209,9 @@ class ExplainWidget(Container):
             self._model.value = "bundled"
         elif model_path and Path(model_path).is_file():
             self.set_settings(model=model_path)
-        if hipe.get("substrate") in SUBSTRATES:
-            self._substrate.value = hipe["substrate"]
+        substrate = hipe.get("substrate")
+        if isinstance(substrate, str) and canonical_substrate(substrate) in SUBSTRATES:
+            self._substrate.value = canonical_substrate(substrate)
         if isinstance(hipe.get("batch_size"), int):
             self._batch.value = hipe["batch_size"]
         if "max_depth" in hipe:
@@ -312,7 +315,7 @@ class ExplainWidget(Container):
             "model.path": self.model_spec,
         }
 
-    def config(self, slide_layer: Any) -> Any:
+    def config(self, slide_layer: Any) -> Config:
         """The run configuration: the output's resolved config (when the slide came from a
         wsi-hipe output) or the defaults, with the widget's settings on top."""
         from wsi_hipe.config import Config, load_config
@@ -337,7 +340,7 @@ class ExplainWidget(Container):
             config = config.model_copy(update={"hipe": hipe})
         return config
 
-    def _load_model(self, spec: str) -> Any:
+    def _load_model(self, spec: str) -> SegmentationModel:
         model = self._models.get(spec)
         if model is None:
             from wsi_hipe.models import load_model
@@ -429,10 +432,8 @@ class ExplainWidget(Container):
         is that cell's area. Returns the started thread worker."""
         layer = self.slide_layer()
         info = slide_info(layer)
-        mpp = info["mpp"]
         # Level-0 pixel i is centred at world i·mpp and spans continuous coordinates [i, i+1).
-        x = float(x_um) / mpp + 0.5
-        y = float(y_um) / mpp + 0.5
+        y, x = pixel_transform(info["mpp"]).to_edge(float(y_um), float(x_um))
         width, height = info["dimensions"]
         if not (0 <= x < width and 0 <= y < height):
             raise ValueError(
@@ -504,7 +505,9 @@ class ExplainWidget(Container):
         worker.start()
         return worker
 
-    def _on_returned(self, out: tuple[Any, float], kind: str, run: int, info: dict) -> None:
+    def _on_returned(
+        self, out: tuple[RegionResult, float], kind: str, run: int, info: dict
+    ) -> None:
         result, seconds = out
         self.last_result = result
         passes = getattr(result, "forward_passes", None)
@@ -538,13 +541,13 @@ class ExplainWidget(Container):
 def _run_explanation(
     kind: str,
     info: dict,
-    config: Any,
+    config: Config,
     spec: str,
-    load_model: Any,
+    load_model: Callable[[str], SegmentationModel],
     stop: threading.Event,
     target: dict[str, Any],
     shared: dict[str, Any],
-) -> tuple[Any, float]:
+) -> tuple[RegionResult, float]:
     """Worker body: open the slide, run the pipeline, report progress (runs off the GUI thread)."""
     from wsi_hipe import pipeline
     from wsi_hipe.slide import open_slide
@@ -552,14 +555,16 @@ def _run_explanation(
     pbar = shared.get("pbar")
     start = time.perf_counter()
 
-    def progress(*args: Any) -> None:
-        values = _progress_values(args)
-        if pbar is not None and values is not None:
-            done, total = values
-            if total > 0 and pbar.total != total:
-                pbar.total = total
-            if done > pbar.n:
-                pbar.update(done - pbar.n)
+    def progress(done: float, total: int) -> None:
+        """``wsi_hipe.pipeline.Progress``: tiles done (with the current tile's share) of total."""
+        if pbar is None or total <= 0:
+            return
+        steps = total * PROGRESS_STEPS_PER_TILE
+        if pbar.total != steps:
+            pbar.total = steps
+        reached = min(steps, round(done * PROGRESS_STEPS_PER_TILE))
+        if reached > pbar.n:
+            pbar.update(reached - pbar.n)
 
     model = load_model(spec)
     slide = open_slide(
