@@ -66,6 +66,19 @@ def test_core_imports_without_qt_napari_dask_or_openslide():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_top_level_namespace_lists_what_users_call():
+    import wsi_hipe
+    from wsi_hipe import pipeline
+
+    assert {"explain_slide", "explain_region", "explain_cell", "BatchItem"} <= set(wsi_hipe.__all__)
+    assert "TileOutcome" not in wsi_hipe.__all__ and "TileOutcome" not in pipeline.__all__
+    for name in wsi_hipe.__all__:
+        assert getattr(wsi_hipe, name) is not None, name
+    assert wsi_hipe.explain_slide is pipeline.explain_slide
+    for name in pipeline.__all__:
+        assert getattr(pipeline, name) is not None, name
+
+
 LAYERS = {
     "errors": 0,
     "config": 0,
