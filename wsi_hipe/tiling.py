@@ -452,9 +452,7 @@ def make_grid(
     core_w = np.minimum(tile_size, width - xs)
 
     if tissue is None:
-        fractions = np.ones(rows.size)
-        keep = np.ones(rows.size, dtype=bool)
-        min_tissue = 0.0
+        fractions, keep, min_tissue = np.ones(rows.size), np.ones(rows.size, bool), 0.0
     else:
         boxes = np.stack([xs * scale, ys * scale, core_w * scale, core_h * scale], axis=1)
         fractions = _tissue_fractions(tissue, boxes)
@@ -466,14 +464,8 @@ def make_grid(
              tissue=float(f))
         for i, (r, c, y, x, h, w, f) in enumerate(zip(*(a[keep] for a in columns), strict=True))
     )  # fmt: skip
-    logger.debug(
-        "grid %dx%d target px (scale %.6g), %d of %d tiles kept",
-        width,
-        height,
-        scale,
-        len(tiles),
-        rows.size,
-    )
+    logger.debug("grid %dx%d target px (scale %.6g), %d of %d tiles kept",
+                 width, height, scale, len(tiles), rows.size)  # fmt: skip
     return TileGrid(
         shape=(height, width),
         tile_size=tile_size,

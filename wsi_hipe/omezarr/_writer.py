@@ -415,10 +415,20 @@ def _resume(path: Path, layout: dict[str, Any], fingerprint: str) -> OutputStore
     return store
 
 
-def _lay_out(path: Path, meta: dict[str, Any], provenance: dict[str, Any]) -> OutputStore:
+def _lay_out(
+    path: Path, layout: dict[str, Any], fingerprint: str, provenance: dict[str, Any]
+) -> OutputStore:
     """Write a new output's groups, empty level-0 arrays, NGFF metadata and empty tile table."""
     import zarr
 
+    meta = {
+        "format": FORMAT_VERSION,
+        "state": STATE_CREATING,
+        "fingerprint": fingerprint,
+        **layout,
+        "levels": 1,
+        "tiles": {"table": TILES_JSONL, "csv": TILES_CSV},
+    }
     ngff = meta["ngff"]
     root = zarr.open_group(str(path), mode="w-", zarr_format=NGFF_VERSIONS[ngff])
     root.attrs.put({META_GROUP: {**provenance, "output": meta}})
@@ -507,17 +517,9 @@ def create_output(
                 f"{path} already exists; pass overwrite=True to replace it, resume=True to "
                 "continue it (same config, model and slide), or write to another path"
             )
-    meta = {
-        "format": FORMAT_VERSION,
-        "state": STATE_CREATING,
-        "fingerprint": fingerprint,
-        **layout,
-        "levels": 1,
-        "tiles": {"table": TILES_JSONL, "csv": TILES_CSV},
-    }
     provenance.setdefault("created", now())
     path.parent.mkdir(parents=True, exist_ok=True)
-    store = _lay_out(path, meta, provenance)
+    store = _lay_out(path, layout, fingerprint, provenance)
     logger.info("created %s: shape %s, chunk %s, NGFF %s", path, shape, chunk, ngff)
     return store
 
