@@ -47,6 +47,8 @@ def test_parse_scheduler():
         parse_scheduler("threads", 0)
     with pytest.raises(ValueError, match="max_in_flight"):
         TaskRunner("sync", max_in_flight=0)
+    assert TaskRunner("processes").remote and TaskRunner("local:2").remote
+    assert not TaskRunner("threads").remote and not TaskRunner("sync").remote
 
 
 @pytest.mark.parametrize("spec", ["sync", "threads"])

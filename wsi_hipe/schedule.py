@@ -212,6 +212,12 @@ class TaskRunner:
         """Tasks allowed in flight (default 2 × workers)."""
         return self._max_in_flight or 2 * self.workers
 
+    @property
+    def remote(self) -> bool:
+        """Tasks run in other processes (``processes``, ``local``, ``tcp``): what they need must
+        pickle, and a model is best loaded there from its file (:func:`worker_cache`)."""
+        return self.kind in ("processes", "local", "tcp")
+
     def start(self) -> TaskRunner:
         """Start pools or the cluster (done lazily by :meth:`map` otherwise)."""
         if self._started:

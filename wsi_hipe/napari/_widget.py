@@ -27,6 +27,7 @@ from magicgui.widgets import (
 )
 
 from wsi_hipe.config import SUBSTRATES, canonical_substrate
+from wsi_hipe.models import DEFAULT_CLASS_NAMES
 from wsi_hipe.napari._layers import result_layer_data, slide_info
 from wsi_hipe.tiling import pixel_transform
 
@@ -43,8 +44,8 @@ __all__ = ["ExplainWidget", "RegionBox"]
 
 logger = logging.getLogger(__name__)
 
-#: Class names of the bundled model (``docs/INTERFACES.md``), shown before a model is loaded.
-BUNDLED_CLASSES = ("background", "lymphocyte", "nucleus")
+#: Class names of the bundled model, shown before a model is loaded.
+BUNDLED_CLASSES: tuple[str, ...] = DEFAULT_CLASS_NAMES
 
 REGION_SOURCES = ("drawn rectangle", "current view")
 

@@ -274,8 +274,7 @@ class _SlideRun:
         runner, owned = runner_for(scheduler, self.cfg, gpu=gpu)
         model_ref = ModelRef.of(self.model, self.cfg)
         shared: dict[str, Any] = {"spec": TileSpec.of(self.cfg, model_ref), "slide": self.slide}
-        remote = runner.kind in ("processes", "local", "tcp")
-        if not remote or model_ref.source is None:
+        if not runner.remote or model_ref.source is None:
             # threads/sync share the loaded model; an in-memory model must travel to workers.
             shared["model"] = self.model
         jobs = (TileJob.of(self.grid, t) for t in tiles)
