@@ -406,7 +406,10 @@ class TiffReader(ChannelReaderBase):
         tif = self._tif
         path = self.path
         if not tif.series:
-            raise SlideFormatError(f"{path} holds no image tifffile can read")
+            raise SlideFormatError(
+                f"{path} has a TIFF header but no readable image (corrupt or truncated "
+                "file); copy it again"
+            )
         series = tif.series[0]
         ome: _Ome | None = None
         if tif.is_ome:
