@@ -263,8 +263,8 @@ Hoechst tiles with each method and scores the maps:
 
 - **forward passes** and **wall time** (what the map cost);
 - **insertion AUC** (↑): start from a blurred tile, restore pixels in order of saliency, 1 %
-  at a time; **deletion AUC** (↓): zero pixels from the clean tile in the same order
-  (Petsiuk et al.); scores are normalised by the clean score;
+  at a time; **deletion AUC** (↓): set pixels of the clean tile to 0 (the "fade" substrate)
+  in the same order (Petsiuk et al.); scores are normalised by the clean score;
 - **pointing game** (↑): is the map's maximum within 3 px of a lymphocyte;
 - **relevance mass** (↑): the share of the saliency inside lymphocytes.
 
@@ -323,7 +323,7 @@ for name in result.curves:
     for ax, kind in zip(axes, ("insertion", "deletion")):
         fractions, scores = result.mean_curve(name, kind)
         ax.plot(fractions, scores, label=name)
-for ax, kind in zip(axes, ("insertion (blur substrate)", "deletion (zero substrate)")):
+for ax, kind in zip(axes, ("insertion (blur substrate)", "deletion (fade substrate)")):
     ax.set_title(kind)
     ax.set_xlabel("fraction of pixels")
 axes[0].set_ylabel("score / clean score")
@@ -358,7 +358,7 @@ def figure3() -> nbformat.NotebookNode:
 # The paper's Figure 3: mid-range vs mean threshold
 
 A 256×256 input holding one centred Gaussian blob (σ = 4 px), a "model" that sums its input,
-and the zero ("fade") substrate. Every window that touches the blob matters; HiPe should spend
+and the "fade" substrate (zeros). Every window that touches the blob matters; HiPe should spend
 its passes there. The authors' implementation perturbs **81, 25, 77, 81** windows at depths
 1–4 with the mid-range threshold; the mean threshold keeps more windows per depth. RISE (8000
 masks in the paper) is shown for scale.

@@ -2,19 +2,21 @@
 
 Each notebook is executed with nbclient under the current interpreter (a kernelspec written to a
 temporary JUPYTER_PATH; nothing is registered globally) with ``WSI_HIPE_NB_SMALL=1``, which
-shrinks its parameter cell so it runs in seconds. Notebooks whose modules are missing are skipped with
-the reason; without the bundled weights, 01-03 run on a tiny untrained checkpoint instead.
+shrinks its parameter cell so it runs in seconds. 01-03 run the bundled model (its weights are
+committed: a missing file is a failure). Only optional third-party packages (the notebook
+runner, Captum) may skip a test; the project's own modules are imported plainly.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from wsi_hipe.models import bundled_model_path
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -53,52 +55,11 @@ def test_notebooks_have_cleared_outputs_and_a_parameter_cell():
         assert "WSI_HIPE_NB_SMALL" in code[0].source, path.name
 
 
-def _has_module(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
-
-
-def _bundled_weights() -> bool:
-    try:
-        from wsi_hipe.models import bundled_model_path
-
-        return Path(bundled_model_path()).is_file()
-    except Exception:  # not landed, or no weights yet
-        return False
-
-
-def _require(*modules: str) -> None:
-    missing = [m for m in modules if not _has_module(m)]
-    if missing:
-        pytest.skip(f"notebook needs {missing}, not available yet")
-
-
 @pytest.fixture(scope="session")
-def notebook_model(tmp_path_factory) -> str:
-    """The bundled model when its weights exist, else a tiny untrained U-Net checkpoint.
-
-    The notebooks then still run end to end (their numbers mean nothing without the bundled
-    weights, but every API they call is exercised).
-    """
-    if _bundled_weights():
-        return "bundled"
-    models = pytest.importorskip("wsi_hipe.models")
-    import torch
-
-    arch = dict(
-        encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8), in_channels=1, classes=3
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("nb-model") / "tiny.safetensors"
-    models.save_checkpoint(
-        models.build_unet(**arch).eval(),
-        path,
-        meta={"architecture": models.architecture_dict(**arch)},
-    )
-    return str(path)
+def notebook_model() -> str:
+    """The bundled model (``bundled_model_path`` raises CheckpointError if its file is gone)."""
+    assert Path(bundled_model_path()).is_file()
+    return "bundled"
 
 
 @pytest.fixture
@@ -152,7 +113,7 @@ def _text_outputs(nb) -> str:
 
 
 def test_04_paper_figure3_runs_and_reproduces_the_counts(kernel_env):
-    _require("wsi_hipe.hipe", "captum")
+    pytest.importorskip("captum")
     nb = _execute("04_paper_figure3.ipynb", kernel_env)
     text = _text_outputs(nb)
     # The table cell shows the published mid-range counts next to the mean-threshold ones.
@@ -164,18 +125,16 @@ def test_04_paper_figure3_runs_and_reproduces_the_counts(kernel_env):
 
 
 def test_01_quickstart_runs(notebook_model, kernel_env):
-    _require("wsi_hipe.hipe", "wsi_hipe.scores", "wsi_hipe.synthetic")
     text = _text_outputs(_execute("01_quickstart.ipynb", kernel_env))
     assert "forward passes:" in text and "expected lymphocyte area" in text
 
 
 def test_02_whole_slide_runs(notebook_model, kernel_env):
-    _require("wsi_hipe.pipeline", "wsi_hipe.synthetic", "wsi_hipe.omezarr")
     text = _text_outputs(_execute("02_whole_slide.ipynb", kernel_env))
     assert "tissue tiles" in text and "level 0: shape" in text
 
 
 def test_03_saliency_quality_runs(notebook_model, kernel_env):
-    _require("wsi_hipe.scores", "wsi_hipe.synthetic", "captum")
+    pytest.importorskip("captum")
     text = _text_outputs(_execute("03_saliency_quality.ipynb", kernel_env))
     assert "| method | forward passes" in text and "| rise 200 | 200 |" in text
