@@ -351,14 +351,78 @@ def evaluate(
 # --- training -----------------------------------------------------------------------------
 
 
+@dataclass
+class TrainingData:
+    """Training samples and the held-out sets (synthetic tiles; BBBC039 images with names)."""
+
+    synthetic: list[Sample]
+    synthetic_eval: list[Sample]
+    real_train: list[Sample]
+    real_eval: list[tuple[str, np.ndarray, np.ndarray, Sample]]
+
+
+@dataclass
+class Fit:
+    """What the training loop did."""
+
+    steps: int
+    history: list[dict[str, Any]]
+    seconds: float
+    cpu_seconds: float
+
+
 def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
+    """Train the U-Net of ``cfg`` and write weights, sidecar, model card and log to ``out_dir``."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    d = cfg.data
+    data = load_training_data(cfg, rng, t_start)
+    arch = architecture_dict(
+        encoder=cfg.model.encoder,
+        encoder_depth=cfg.model.encoder_depth,
+        decoder_channels=cfg.model.decoder_channels,
+        in_channels=1,
+        classes=len(DEFAULT_CLASS_NAMES),
+    )
+    model = build_unet(**{k: v for k, v in arch.items() if k != "name"})
+    logger.info("model: %s, %.2f M parameters", arch, count_parameters(model) / 1e6)
+    fit = fit_model(model, data, cfg, rng, gen)
+    logger.info(
+        "trained %d steps in %.0f s wall, %.0f s CPU; evaluating",
+        fit.steps,
+        fit.seconds,
+        fit.cpu_seconds,
+    )
+    metrics = evaluate(model, data.synthetic_eval, data.real_eval, 2**cfg.model.encoder_depth)
+    logger.info("held-out metrics: %s", json.dumps(metrics, indent=1))
+    training = training_record(cfg, data, fit, t_start)
+    meta = ModelMeta(
+        class_names=DEFAULT_CLASS_NAMES,
+        activation="softmax",
+        in_channels=1,
+        mpp=cfg.data.mpp,
+        normalization=dict(DEFAULT_NORMALIZATION),
+        architecture=arch,
+        training=training,
+        metrics=metrics,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = save_checkpoint(model, out_dir / BUNDLED_MODEL_NAME, meta=meta)
+    (out_dir / "training_log.json").write_text(
+        json.dumps({"history": fit.history, "metrics": metrics}, indent=1) + "\n"
+    )
+    write_model_card(
+        out_dir / "MODEL_CARD.md", arch=arch, metrics=metrics, training=training, weights=weights
+    )
+    logger.info("wrote %s (%.1f MB)", weights, weights.stat().st_size / 1e6)
+    return metrics
 
+
+def load_training_data(cfg: TrainConfig, rng: np.random.Generator, t_start: float) -> TrainingData:
+    """Render the synthetic tiles (µm/px jittered with ``rng``) and read BBBC039 if asked."""
+    d = cfg.data
     logger.info(
         "rendering %d synthetic training tiles (%d px)", d.synthetic_train_tiles, d.tile_size
     )
@@ -385,22 +449,21 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
             logger.info("BBBC039: %d training, %d held-out images", len(real_train), len(real_eval))
         else:
             logger.warning("BBBC039 folder %s not found: training on synthetic data only", folder)
+    return TrainingData(synthetic, synthetic_eval, real_train, real_eval)
 
-    arch = architecture_dict(
-        encoder=cfg.model.encoder,
-        encoder_depth=cfg.model.encoder_depth,
-        decoder_channels=cfg.model.decoder_channels,
-        in_channels=1,
-        classes=len(DEFAULT_CLASS_NAMES),
-    )
-    model = build_unet(**{k: v for k, v in arch.items() if k != "name"})
-    multiple = 2**cfg.model.encoder_depth
-    logger.info("model: %s, %.2f M parameters", arch, count_parameters(model) / 1e6)
+
+def fit_model(
+    model: nn.Module,
+    data: TrainingData,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+) -> Fit:
+    """AdamW with a cosine schedule over the time budget (or ``train.max_steps``)."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
     ce = nn.CrossEntropyLoss()
-
     # The budget counts this process's CPU time by default ("15 minutes on this CPU"), so a
     # machine shared with other jobs stretches the wall time instead of shortening training.
     budget_s = cfg.train.minutes * 60.0
@@ -408,7 +471,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     t_train = time.perf_counter()
     c_train = clock()
     c_cpu = time.process_time()
-    history = []
+    history: list[dict[str, Any]] = []
     step = 0
     running = 0.0
     while True:
@@ -425,7 +488,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        x, y = make_batch(synthetic, real_train, cfg, rng, gen)
+        x, y = make_batch(data.synthetic, data.real_train, cfg, rng, gen)
         logits = model(x)
         loss = ce(logits, y) + cfg.train.dice_weight * soft_dice_loss(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -435,44 +498,42 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         value = float(loss.detach())
         running = 0.9 * running + 0.1 * value if step > 1 else value
         if step % cfg.train.log_every == 0:
-            cpu = time.process_time() - c_cpu
-            logger.info(
-                "step %d  loss %.4f  lr %.2e  wall %.0f s (%.2f s/step)  cpu %.0f s  budget %.0f %%",
-                step,
-                running,
-                lr,
-                elapsed,
-                elapsed / max(step, 1),
-                cpu,
-                100 * progress,
-            )
-            history.append(
-                {
-                    "step": step,
-                    "loss": running,
-                    "lr": lr,
-                    "wall_s": round(elapsed, 1),
-                    "cpu_s": round(cpu, 1),
-                }
-            )
+            entry = _log_step(step, running, lr, elapsed, time.process_time() - c_cpu, progress)
+            history.append(entry)
+    return Fit(step, history, time.perf_counter() - t_train, time.process_time() - c_cpu)
 
-    train_seconds = time.perf_counter() - t_train
-    train_cpu_seconds = time.process_time() - c_cpu
+
+def _log_step(
+    step: int, loss: float, lr: float, elapsed: float, cpu: float, progress: float
+) -> dict[str, Any]:
     logger.info(
-        "trained %d steps in %.0f s wall, %.0f s CPU; evaluating",
+        "step %d  loss %.4f  lr %.2e  wall %.0f s (%.2f s/step)  cpu %.0f s  budget %.0f %%",
         step,
-        train_seconds,
-        train_cpu_seconds,
+        loss,
+        lr,
+        elapsed,
+        elapsed / max(step, 1),
+        cpu,
+        100 * progress,
     )
-    metrics = evaluate(model, synthetic_eval, real_eval, multiple)
-    logger.info("held-out metrics: %s", json.dumps(metrics, indent=1))
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "wall_s": round(elapsed, 1),
+        "cpu_s": round(cpu, 1),
+    }
 
-    training = {
+
+def training_record(cfg: TrainConfig, data: TrainingData, fit: Fit, t_start: float) -> dict:
+    """How the weights were made, for the sidecar and the model card."""
+    d = cfg.data
+    return {
         "script": "pipelines/train_unet.py",
         "config": cfg.model_dump(mode="json"),
-        "steps": step,
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(train_cpu_seconds, 1),
+        "steps": fit.steps,
+        "train_seconds": round(fit.seconds, 1),
+        "train_cpu_seconds": round(fit.cpu_seconds, 1),
         "budget_clock": cfg.train.clock,
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "threads": cfg.threads,
@@ -483,8 +544,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
                 f"µm/px {d.mpp} ± {d.mpp_jitter * 100:.0f} %)"
             ),
             "synthetic_held_out": f"{d.synthetic_eval_tiles} tiles, seeds {d.synthetic_eval_seed}.. at {d.mpp} µm/px",
-            "bbbc039_train": [s.source for s in real_train],
-            "bbbc039_held_out": [name for name, *_ in real_eval],
+            "bbbc039_train": [s.source for s in data.real_train],
+            "bbbc039_held_out": [name for name, *_ in data.real_eval],
             "bbbc039_note": (
                 f"BBBC039v1 Hoechst (U2OS, CC0), {BBBC039_MPP} µm/px rescaled to {d.mpp}, "
                 "normalised per image (p1 -> 0, p99.5 -> 1, clip 1.5), all nuclei labelled 'nucleus'"
@@ -493,26 +554,6 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    meta = ModelMeta(
-        class_names=DEFAULT_CLASS_NAMES,
-        activation="softmax",
-        in_channels=1,
-        mpp=d.mpp,
-        normalization=dict(DEFAULT_NORMALIZATION),
-        architecture=arch,
-        training=training,
-        metrics=metrics,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = save_checkpoint(model, out_dir / BUNDLED_MODEL_NAME, meta=meta)
-    (out_dir / "training_log.json").write_text(
-        json.dumps({"history": history, "metrics": metrics}, indent=1) + "\n"
-    )
-    write_model_card(
-        out_dir / "MODEL_CARD.md", arch=arch, metrics=metrics, training=training, weights=weights
-    )
-    logger.info("wrote %s (%.1f MB)", weights, weights.stat().st_size / 1e6)
-    return metrics
 
 
 def write_model_card(
