@@ -157,7 +157,9 @@ def explain_region(
         cfg = cfg.with_overrides({"score.kind": score})
     setup = _setup(slide, cfg, model)
     try:
-        run = _RegionRun.start(setup, x0, y0, width, height, progress, should_stop)
+        run = _RegionRun.start(
+            setup, (x0, y0, width, height), progress=progress, should_stop=should_stop
+        )
         with torch_threads(cfg.schedule.threads_per_worker or DEFAULT_TORCH_THREADS):
             stopped = _region_loop(run)
     finally:
@@ -202,9 +204,18 @@ class _RegionRun:
         self.segmentation = np.zeros(self.grid.shape, dtype=np.uint8)
 
     @classmethod
-    def start(cls, setup: _Setup, x0, y0, width, height, progress, should_stop) -> _RegionRun:
+    def start(
+        cls,
+        setup: _Setup,
+        box: tuple[float, float, float, float],
+        *,
+        progress: Progress | None,
+        should_stop: ShouldStop | None,
+    ) -> _RegionRun:
+        """The run over the level-0 ``box = (x0, y0, width, height)``, tiled as ``setup.cfg`` says."""
         from wsi_hipe.tiling import make_grid
 
+        x0, y0, width, height = box
         cfg = setup.cfg
         grid = make_grid(
             (max(1, math.ceil(width)), max(1, math.ceil(height))),
