@@ -342,6 +342,23 @@ def test_striped_reads_are_bands_in_a_bounded_cache(tmp_path, monkeypatch):
     assert len(reader._bands) <= 3
 
 
+def test_a_request_larger_than_the_band_budget_keeps_its_bands(tmp_path, monkeypatch):
+    data = make_data(c=1, h=1200, w=200, top=65536)
+    path = tmp_path / "crop.tif"
+    tifffile.imwrite(path, data[0], rowsperstrip=16, compression="zlib", metadata=None)
+    monkeypatch.setattr(tiff_module, "BAND_CACHE_BYTES", 1)  # less than one band
+    reader = TiffReader(path)
+    got = reader.read_channels((0, 100), 0, (80, 600), (0,))  # rows 100..700: bands 0-2
+    np.testing.assert_array_equal(got, window(data, 0, 100, 80, 600, (0,)))
+    bands = dict(reader._bands)
+    assert sorted(b for _, b, _ in bands) == [0, 1, 2]
+    got = reader.read_channels((100, 100), 0, (100, 600), (0,))  # the next tile of the row
+    np.testing.assert_array_equal(got, window(data, 100, 100, 100, 600, (0,)))
+    assert all(reader._bands[k] is v for k, v in bands.items())  # served, not decoded again
+    reader.read_channels((0, 1000), 0, (10, 10), (0,))  # elsewhere: the old bands go
+    assert sorted(b for _, b, _ in reader._bands) == [3]
+
+
 def test_huge_uncompressed_strip_is_memory_mapped(tmp_path, monkeypatch):
     data = make_data(c=1, h=400, w=300, top=65536)
     path = tmp_path / "one-strip.tif"

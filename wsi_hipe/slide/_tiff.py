@@ -25,8 +25,9 @@ Reading
 Pixels come through tifffile's Zarr store of each level (``TiffPageSeries.aszarr``): a region
 decodes only the tiles or strips it touches, never a whole level. A strip spans the width of
 the image, so striped files are read in *bands* of whole strips (at least ``BAND_ROWS`` rows)
-kept in a small LRU cache of at most ``BAND_CACHE_BYTES``: the tiles of one grid row decode
-each strip once, and memory is bounded by the bands, not the image. An uncompressed level
+kept in a small LRU cache of ``BAND_CACHE_BYTES`` (more only while one request needs more):
+the tiles of one grid row decode each strip once, and memory is bounded by the bands, not the
+image. An uncompressed level
 whose single strip exceeds ``MEMMAP_BYTES`` is memory-mapped instead (only the rows read are
 touched). A region whose data cannot be decoded (corrupt, or beyond the end of a truncated
 file) raises :class:`~wsi_hipe.errors.SlideReadError` for that region only; a truncated file
@@ -76,8 +77,8 @@ logger = logging.getLogger(__name__)
 
 #: Fewest rows decoded together from a striped level (a band of whole strips).
 BAND_ROWS = 256
-#: Decoded bands kept per reader (bytes); the bands of the current grid row stay.
-BAND_CACHE_BYTES = 256 * 2**20
+#: Decoded bands kept per reader (bytes; the bands of the current request are always kept).
+BAND_CACHE_BYTES = 64 * 2**20
 #: An uncompressed strip larger than this is memory-mapped rather than decoded.
 MEMMAP_BYTES = 32 * 2**20
 
@@ -644,16 +645,31 @@ class TiffReader(ChannelReaderBase):
         rows = self._band_rows(level)
         lw, lh = self._dims[level]
         out = np.empty((y1 - y0, x1 - x0, len(channels)), dtype=self._dtype)
-        for b in range(y0 // rows, (y1 - 1) // rows + 1):
+        needed = range(y0 // rows, (y1 - 1) // rows + 1)
+        keep = {(level, b, channels) for b in needed}
+        for b in needed:
             r0, r1 = b * rows, min((b + 1) * rows, lh)
-            band = self._band(level, b, r0, r1, lw, channels)
+            band = self._band(level, b, r0, r1, lw, channels, keep)
             a, z = max(y0, r0), min(y1, r1)
             out[a - y0 : z - y0] = band[a - r0 : z - r0, x0:x1]
         return out
 
     def _band(
-        self, level: int, b: int, r0: int, r1: int, width: int, channels: tuple[int, ...]
+        self,
+        level: int,
+        b: int,
+        r0: int,
+        r1: int,
+        width: int,
+        channels: tuple[int, ...],
+        keep: set[tuple],
     ) -> np.ndarray:
+        """Band ``b`` (rows r0..r1, whole width) from the cache, decoding it if needed.
+
+        Least recently used bands are dropped while the cache exceeds ``BAND_CACHE_BYTES``,
+        except those of the current request (``keep``): a request larger than the budget keeps
+        its own bands, so the next tile of the same grid row finds them.
+        """
         key = (level, b, channels)
         with self._lock:
             band = self._bands.get(key)
@@ -668,9 +684,12 @@ class TiffReader(ChannelReaderBase):
             if key not in self._bands:
                 self._bands[key] = band
                 self._band_bytes += band.nbytes
-            while self._band_bytes > BAND_CACHE_BYTES and len(self._bands) > 1:
-                _, old = self._bands.popitem(last=False)
-                self._band_bytes -= old.nbytes
+            for old_key in list(self._bands):
+                if self._band_bytes <= BAND_CACHE_BYTES:
+                    break
+                if old_key in keep:
+                    continue
+                self._band_bytes -= self._bands.pop(old_key).nbytes
         return band
 
     # huge uncompressed strips: memory-mapped pages
