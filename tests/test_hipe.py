@@ -325,9 +325,146 @@ def test_forward_may_return_a_view_of_the_reused_batch_buffer():
     assert torch.equal(view.saliency, copy.saliency) and view.saliency.max() > 0
 
 
+# --- vector targets: (B, K) scores ------------------------------------------------------------
+
+
+def separate_runs(forward, x, k, **options):
+    """One run per target on ``forward(b)[:, j]`` alone: what each vector map must equal."""
+    return [
+        hierarchical_perturbation(lambda b, j=j: forward(b)[:, j], x, **options) for j in range(k)
+    ]
+
+
+def assert_maps_equal_separate_runs(vec, seps):
+    assert vec.vector and vec.num_targets == len(seps)
+    assert vec.saliency.shape == (len(seps), *seps[0].saliency.shape)
+    for k, sep in enumerate(seps):
+        assert vec.target_masks[k] == sep.masks_per_depth
+        assert vec.target_thresholds[k] == pytest.approx(sep.thresholds, rel=1e-6, abs=1e-12)
+        assert vec.target_stop_reasons[k] == sep.stop_reason
+        assert vec.target_scores[k] == pytest.approx(sep.score, rel=1e-6)
+        scale = float(sep.saliency.max())
+        torch.testing.assert_close(vec.saliency[k], sep.saliency, rtol=1e-6, atol=1e-6 * scale)
+    # Each window of the union is perturbed once: passes = union + 1 <= the separate runs' sum.
+    assert vec.forward_passes == 1 + sum(vec.masks_per_depth)
+    assert vec.forward_passes <= sum(s.forward_passes for s in seps)
+    for d, union in enumerate(vec.masks_per_depth):
+        own = [m[d] for m in vec.target_masks if len(m) > d]
+        assert max(own) <= union <= sum(own)
+
+
+@pytest.mark.parametrize("k", [1, 3, 17])
+def test_vector_targets_equal_separate_runs_on_a_random_cnn(k):
+    x = torch.rand(1, 96, 100, generator=torch.Generator().manual_seed(30 + k))
+    model = TinyCNN(outputs=k, seed=k)
+    vec = hierarchical_perturbation(model, x, batch_size=16)
+    seps = separate_runs(model, x, k, batch_size=16)
+    assert vec.grid_sizes == [6, 12, 24]
+    assert_maps_equal_separate_runs(vec, seps)
+    if k > 1:  # the targets differ, so the test is not comparing k copies of one map
+        assert len({tuple(m) for m in vec.target_masks}) > 1
+        assert not torch.allclose(vec.saliency[0], vec.saliency[1])
+
+
+def test_vector_run_perturbs_exactly_the_union_of_the_targets_windows():
+    x = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(40)) + 0.5  # no zeros
+
+    def recording(forward, boxes):
+        def wrapped(batch):
+            for row in (batch == 0).any(dim=1):  # fade: exactly the window is zero
+                rows, cols = row.any(dim=1).nonzero(), row.any(dim=0).nonzero()
+                if len(rows):
+                    boxes.append((int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])))
+            return forward(batch)
+
+        return wrapped
+
+    def per_depth(boxes, counts):
+        edges = [sum(counts[:d]) for d in range(len(counts) + 1)]
+        return [set(boxes[a:b]) for a, b in zip(edges, edges[1:], strict=False)]
+
+    model = TinyCNN(outputs=3, seed=41)
+    vec_boxes = []
+    vec = hierarchical_perturbation(recording(model, vec_boxes), x, substrate="fade")
+    union = per_depth(vec_boxes, vec.masks_per_depth)
+    own = []
+    for k in range(3):
+        boxes = []
+        sep = hierarchical_perturbation(
+            recording(lambda b, k=k: model(b)[:, k], boxes), x, substrate="fade"
+        )
+        own.append(per_depth(boxes, sep.masks_per_depth))
+    for d, windows in enumerate(union):
+        assert len(windows) == vec.masks_per_depth[d]  # each window once
+        assert windows == set().union(*(o[d] for o in own if len(o) > d))
+    assert sum(len(u) for u in union) < sum(len(w) for o in own for w in o)
+
+
+def test_each_target_stops_early_on_its_own():
+    # Target 1 never moves: it stops after depth 1 with a zero map, while target 0 refines on.
+    x = gaussian_blob(64, 3.0)
+    both = lambda b: torch.stack([total(b), torch.full((len(b),), 5.0)], dim=1)  # noqa: E731
+    vec = hierarchical_perturbation(both, x, substrate="fade")
+    assert vec.target_stop_reasons == ["min_cell_size", "no_response"]
+    assert vec.stop_reason == "min_cell_size" and vec.depth == 2
+    assert vec.target_masks[1] == [49] and torch.count_nonzero(vec.saliency[1]) == 0
+    assert_maps_equal_separate_runs(vec, separate_runs(both, x, 2, substrate="fade"))
+
+
+def test_vector_targets_get_exact_zeros_out_of_reach():
+    # Three nuclei in three corner cells, explained in one run: each map is zero beyond the
+    # windows that touch its own nucleus (see the scalar test above for the geometry).
+    noise = torch.rand(1, 96, 96, generator=torch.Generator().manual_seed(0))
+    nuclei = torch.stack([disk((96, 96), c, 7) for c in [(8, 8), (8, 87), (87, 8)]])
+    x = 0.3 * noise + 0.4 * nuclei.amax(dim=0) + 0.1
+    res = hierarchical_perturbation(expected_area(nuclei), x, batch_size=7)
+    reach = torch.zeros(3, 96, 96, dtype=torch.bool)
+    reach[0, :32, :32] = reach[1, :32, 64:] = reach[2, 64:, :32] = True
+    assert res.saliency.shape == (3, 96, 96)
+    assert torch.count_nonzero(res.saliency[~reach]) == 0
+    assert all(float(res.saliency[k][reach[k]].max()) > 0 for k in range(3))
+
+
+@pytest.fixture(scope="module")
+def unet_cells():
+    """The bundled U-Net and a 64² synthetic Hoechst tile with its lymphocyte instances."""
+    from wsi_hipe.models import load_model
+    from wsi_hipe.synthetic import render_tile
+
+    model = load_model(device="cpu")
+    tile = render_tile(0, size=64)
+    ids, areas = torch.unique(torch.from_numpy(tile.lymphocytes), return_counts=True)
+    cells = [int(i) for i, a in zip(ids, areas, strict=True) if i > 0 and a >= 12]
+    masks = torch.stack([torch.from_numpy(tile.lymphocytes == i) for i in cells])
+    return model, torch.from_numpy(tile.image)[None].float(), masks
+
+
+def unet_cell_areas(model, masks):
+    """Expected lymphocyte area of each cell: ``(B, 1, H, W) -> (B, K)``."""
+    weights = masks.flatten(1).float().T.contiguous()  # (H·W, K)
+
+    def forward(batch):
+        p = torch.softmax(model(batch), dim=1)[:, 1]
+        return p.flatten(1) @ weights
+
+    return forward
+
+
+@pytest.mark.parametrize("k", [1, 3, pytest.param(17, marks=pytest.mark.slow)])
+def test_vector_targets_equal_separate_runs_on_the_unet_cells(unet_cells, k):
+    model, x, masks = unet_cells
+    assert len(masks) >= 17
+    forward = unet_cell_areas(model, masks[:k])
+    vec = hierarchical_perturbation(forward, x, batch_size=32)
+    seps = separate_runs(forward, x, k, batch_size=32)
+    assert_maps_equal_separate_runs(vec, seps)
+    assert min(vec.target_scores) > 1.0  # real cells, seen by the model
+
+
 # --- a plain-loop reference written from the rules in DESIGN.md -------------------------------
 
 
+@torch.no_grad()
 def reference_hipe(forward, x, *, substrate, threshold):
     """Literal, slow HiPe for (C, H, W): loops over windows and pixels' cells."""
     _, h, w = x.shape
@@ -504,12 +641,66 @@ def test_bad_inputs_and_models_raise_value_error():
         hierarchical_perturbation(total, torch.rand(16))
     with pytest.raises(ValueError, match="one scalar score per input"):
         hierarchical_perturbation(lambda b: b.sum(dim=(1,)), torch.rand(1, 16, 16))
-    with pytest.raises(ValueError, match="non-finite"):
-        hierarchical_perturbation(lambda b: total(b) * float("nan"), torch.rand(1, 16, 16))
+    with pytest.raises(ValueError, match="noise_rtol"):
+        hierarchical_perturbation(total, torch.rand(1, 16, 16), noise_rtol=-1.0)
+
+
+def calls_returning(*shapes):
+    """A forward whose i-th call returns zeros of ``shapes[i]`` (``B`` = the batch size)."""
+    calls = []
+
+    def forward(batch):
+        shape = shapes[min(len(calls), len(shapes) - 1)]
+        calls.append(len(batch))
+        return torch.zeros([len(batch) if s == "B" else s for s in shape])
+
+    return forward
+
+
+@pytest.mark.parametrize(
+    ("shapes", "match"),
+    [
+        (
+            (("B", 3, 1),),
+            r"shape \(26,\), or K >= 1 scores per input, shape \(26, K\); got shape \(26, 3, 1\)",
+        ),
+        ((("B", 0),), r"K >= 1 scores per input.*got shape \(26, 0\)"),
+        ((("B", 2), ("B", 3)), r"returned shape \(10, 3\) .* but \(B, 2\) scores before"),
+        ((("B",), ("B", 2)), r"returned shape \(10, 2\) .* but \(B,\) scores before"),
+        ((("B", 2), ("B",)), r"returned shape \(10,\) .* but \(B, 2\) scores before"),
+    ],
+)
+def test_forward_output_shapes_must_stay_one_form(shapes, match):
+    x = torch.rand(1, 16, 16) + 0.5
+    batch_size = 26 if len(shapes) == 1 else 16  # 26 rows: one batch; 16: a second of 10
+    with pytest.raises(ValueError, match=match):
+        hierarchical_perturbation(calls_returning(*shapes), x, batch_size=batch_size)
+
+
+def test_one_nan_inf_message_names_what_came_back():
+    x = torch.rand(1, 16, 16) + 0.5
+    with pytest.raises(ValueError, match=r"non-finite scores \(NaN or inf\) for the clean input"):
+        hierarchical_perturbation(lambda b: total(b) * float("nan"), x)
 
     def inf_when_perturbed(b):
-        out = total(b)
-        return torch.where(b.flatten(1).min(1).values == 0, float("inf"), out)
+        return torch.where(b.flatten(1).min(1).values == 0, float("inf"), total(b))
 
-    with pytest.raises(ValueError, match="NaN or inf"):
-        hierarchical_perturbation(inf_when_perturbed, torch.rand(1, 16, 16) + 0.5, substrate="fade")
+    with pytest.raises(ValueError, match=r"NaN or inf\) for perturbed inputs \(0 NaN, 25 inf\)"):
+        hierarchical_perturbation(inf_when_perturbed, x, substrate="fade")
+
+    def nan_in_target_1(b):
+        out = torch.stack([total(b), total(b)], dim=1)
+        out[1:, 1] = float("nan")
+        return out
+
+    with pytest.raises(ValueError, match=r"perturbed inputs \(25 NaN, 0 inf\)"):
+        hierarchical_perturbation(nan_in_target_1, x, substrate="fade")
+    with pytest.raises(ValueError, match="valid scores are finite"):  # also on the last depth
+        hierarchical_perturbation(inf_when_perturbed, x, substrate="fade", max_depth=1)
+
+
+def test_zero_is_the_old_name_of_fade():
+    x = gaussian_blob(32, 3.0)
+    a = hierarchical_perturbation(total, x, substrate="fade")
+    b = hierarchical_perturbation(total, x, substrate="zero")
+    assert torch.equal(a.saliency, b.saliency) and a.masks_per_depth == b.masks_per_depth
