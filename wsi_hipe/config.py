@@ -35,6 +35,7 @@ __all__ = [
     "HipeConfig",
     "OutputConfig",
     "ScheduleConfig",
+    "JobqueueConfig",
     "load_config",
     "Substrate",
     "MetricSubstrate",
@@ -42,6 +43,7 @@ __all__ = [
     "ScoreKind",
     "NgffVersion",
     "SchedulerName",
+    "JobqueueScheduler",
     "DeviceName",
     "SUBSTRATES",
     "METRIC_SUBSTRATES",
@@ -49,6 +51,7 @@ __all__ = [
     "SCORE_KINDS",
     "NGFF_VERSIONS",
     "SCHEDULERS",
+    "JOBQUEUE_SCHEDULERS",
     "DEVICES",
     "canonical_substrate",
     "check_scheduler",
@@ -74,8 +77,10 @@ Threshold = Literal["mid-range", "mean"]
 ScoreKind = Literal["area", "mean", "logit"]
 #: OME-NGFF versions the writer offers: 0.4 (Zarr v2, read everywhere) or 0.5 (Zarr v3).
 NgffVersion = Literal["0.4", "0.5"]
+#: Batch systems whose jobs become Dask workers (dask-jobqueue; ``schedule.jobqueue``).
+JobqueueScheduler = Literal["slurm", "pbs", "lsf"]
 #: Named schedulers; besides these, ``"local:N"`` and ``"tcp://host:port"`` (:func:`check_scheduler`).
-SchedulerName = Literal["sync", "threads", "processes", "local"]
+SchedulerName = Literal["sync", "threads", "processes", "local", JobqueueScheduler]
 #: Named devices; besides these, ``"cuda:N"`` (:func:`check_device`).
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
@@ -85,6 +90,7 @@ THRESHOLDS: tuple[str, ...] = get_args(Threshold)
 SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
 NGFF_VERSIONS: tuple[str, ...] = get_args(NgffVersion)
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+JOBQUEUE_SCHEDULERS: tuple[str, ...] = get_args(JobqueueScheduler)
 DEVICES: tuple[str, ...] = get_args(DeviceName)
 
 
@@ -99,10 +105,8 @@ def check_scheduler(value: str) -> str:
         return value
     if value.startswith("local:") and value[6:].isdigit() and int(value[6:]) >= 1:
         return value
-    raise ValueError(
-        "must be 'sync', 'threads', 'processes', 'local', 'local:N' or "
-        f"'tcp://host:port', got {value!r}"
-    )
+    names = ", ".join(repr(name) for name in SCHEDULERS)
+    raise ValueError(f"must be {names}, 'local:N' or 'tcp://host:port', got {value!r}")
 
 
 def check_device(value: str) -> str:
@@ -291,29 +295,128 @@ class OutputConfig(_Section):
         return value
 
 
+class JobqueueConfig(_Section):
+    """Dask workers as batch jobs (``schedule.scheduler: slurm | pbs | lsf``), through
+    dask-jobqueue; see docs/cluster.md.
+
+    Each job runs ``processes`` Dask worker processes sharing ``cores`` cores and ``memory``;
+    the run keeps between ``minimum_jobs`` and ``maximum_jobs`` jobs queued or running
+    (dask-jobqueue's ``adapt``), so a job killed at its walltime is replaced.
+
+    Attributes
+    ----------
+    cores : int
+        Cores per job (the workers' threads: ``cores / processes`` each).
+    processes : int
+        Worker processes per job.
+    memory : str
+        Memory per job, e.g. ``"16GB"``.
+    walltime : str
+        Job walltime, ``HH:MM:SS``.
+    queue, account : str or None
+        Partition/queue and account (``#SBATCH -p`` / ``-A``).
+    job_extra_directives : list of str
+        Extra scheduler directives, e.g. ``["--gres=gpu:1"]`` for one GPU per SLURM job.
+    job_script_prologue : list of str
+        Shell lines run before the worker starts (``module load``, ``source .venv/bin/activate``).
+    worker_extra_args : list of str
+        Extra ``dask worker`` arguments, e.g. ``["--lifetime", "55m", "--lifetime-stagger",
+        "4m"]`` to retire workers cleanly before the walltime.
+    interface : str or None
+        Network interface of the scheduler and workers (``ib0``, ``eth0``); None = default.
+    local_directory, log_directory : str or None
+        Workers' scratch folder; folder for the jobs' output files.
+    python : str or None
+        Python of the workers; None = this interpreter.
+    minimum_jobs, maximum_jobs : int
+        Bounds of the adaptive number of jobs.
+    dashboard_address : str or None
+        Address of the scheduler's dashboard (``":8787"``); None = no dashboard.
+    """
+
+    cores: int = Field(default=2, ge=1)
+    processes: int = Field(default=1, ge=1)
+    memory: str = "8GB"
+    walltime: str = "01:00:00"
+    queue: str | None = None
+    account: str | None = None
+    job_extra_directives: list[str] = []
+    job_script_prologue: list[str] = []
+    worker_extra_args: list[str] = []
+    interface: str | None = None
+    local_directory: str | None = None
+    log_directory: str | None = None
+    python: str | None = None
+    minimum_jobs: int = Field(default=0, ge=0)
+    maximum_jobs: int = Field(default=4, ge=1)
+    dashboard_address: str | None = None
+
+    @field_validator("maximum_jobs")
+    @classmethod
+    def _bounds(cls, value: int, info: Any) -> int:
+        low = info.data.get("minimum_jobs", 0)
+        if value < low:
+            raise ValueError(f"must be >= minimum_jobs ({low}), got {value}")
+        return value
+
+    def cluster_kwargs(self, *, gpu: bool = False, threads: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of dask-jobqueue's ``SLURMCluster`` / ``PBSCluster`` / ``LSFCluster``.
+
+        ``gpu``: workers offer ``threads`` (default ``cores / processes``) ``GPU`` resource slots.
+        """
+        extra = list(self.worker_extra_args)
+        if gpu:
+            slots = threads or max(1, self.cores // self.processes)
+            extra += ["--resources", f"GPU={slots}"]
+        kwargs: dict[str, Any] = {
+            "cores": self.cores,
+            "processes": self.processes,
+            "memory": self.memory,
+            "walltime": self.walltime,
+            "queue": self.queue,
+            "account": self.account,
+            "job_extra_directives": list(self.job_extra_directives),
+            "job_script_prologue": list(self.job_script_prologue),
+            "worker_extra_args": extra,
+            "interface": self.interface,
+            "local_directory": self.local_directory,
+            "log_directory": self.log_directory,
+            "python": self.python,
+            "scheduler_options": {"dashboard_address": self.dashboard_address},
+        }
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+
 class ScheduleConfig(_Section):
     """Where and how tiles run (never changes the numbers written).
 
     Attributes
     ----------
     scheduler : str
-        ``"sync"``, ``"threads"``, ``"processes"``, ``"local"`` / ``"local:N"`` (a
-        ``distributed.LocalCluster`` of N worker processes) or ``"tcp://host:port"`` (join a
-        running Dask cluster).
+        ``"sync"``, ``"threads"``, ``"processes"``, ``"local"`` / ``"local:N"`` (a local Dask
+        cluster of N worker processes), ``"tcp://host:port"`` (join a running Dask cluster) or
+        a batch system, ``"slurm"``, ``"pbs"``, ``"lsf"`` (workers as jobs, ``jobqueue``).
     workers : int
         Worker count for ``threads``, ``processes`` and ``local`` (``local:N`` wins).
     max_in_flight : int or None
-        Tiles submitted but not yet written; None = 2 × workers. Bounds memory.
+        Tiles submitted but not yet written; None = 2 × worker threads. Bounds memory.
     threads_per_worker : int or None
         torch intra-op threads per worker; None = 1 for every scheduler. CPU float reductions
         may round differently with another thread count, so outputs are bit-identical across
         schedulers only for equal values (resuming with another value mixes both).
+    retries : int
+        Extra tries of a tile whose task raised (Dask's ``retries=``): with the default 2 a
+        tile is tried at most 3 times, then recorded as failed; the next run retries it.
+    jobqueue : JobqueueConfig
+        The batch jobs of ``slurm``/``pbs``/``lsf``.
     """
 
     scheduler: str = "sync"
     workers: int = Field(default=1, ge=1)
     max_in_flight: int | None = Field(default=None, ge=1)
     threads_per_worker: int | None = Field(default=None, ge=1)
+    retries: int = Field(default=2, ge=0)
+    jobqueue: JobqueueConfig = JobqueueConfig()
 
     @field_validator("scheduler")
     @classmethod
@@ -449,24 +552,33 @@ def _validate(data: dict[str, Any], *, source: str) -> Config:
         raise ConfigError(_format_errors(exc, source)) from None
 
 
+def _error_key(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel]]:
+    """The dotted key of a pydantic error location and the section it lies in: section names
+    down to the field (``schedule.jobqueue.cores``); pydantic's union-member suffixes
+    (``.int``) dropped."""
+    section: type[BaseModel] = Config
+    parts: list[str] = []
+    for part in loc:
+        parts.append(str(part))
+        field = section.model_fields.get(str(part))
+        kind = getattr(field, "annotation", None)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            section = kind
+            continue
+        break
+    return ".".join(parts) or "<top level>", section
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     seen = set()
     for err in exc.errors():
-        # Sections are one level deep: drop pydantic's union-member suffixes (``.int``).
-        key = ".".join(str(part) for part in err["loc"][:2]) or "<top level>"
+        key, section = _error_key(tuple(err["loc"]))
         if key in seen:
             continue
         seen.add(key)
         if err["type"] == "extra_forbidden":
-            section = Config.model_fields.get(str(err["loc"][0])) if err["loc"] else None
-            if len(err["loc"]) == 1 or section is None:
-                valid = sorted(Config.model_fields)
-            else:
-                valid = sorted(
-                    field.alias or name
-                    for name, field in section.annotation.model_fields.items()  # type: ignore[union-attr]
-                )
+            valid = sorted(field.alias or name for name, field in section.model_fields.items())
             lines.append(f"{key}: unknown key; valid keys here: {', '.join(valid)}")
             continue
         msg = err["msg"]
