@@ -1,25 +1,43 @@
-"""HiPe cost against the model's own forward passes, the paper's toy, and Captum Occlusion.
+"""HiPe's cost: the paper's toy, the U-Net's forward floor, many cells at once, Captum Occlusion.
 
-Three measurements, in one run (ratios are what matter; absolute times depend on the machine):
+Each measurement is a ratio taken in one run (absolute times depend on the machine and, on a
+shared machine, on what else runs; the ratios much less):
 
-1. A residual U-Net tile (smp U-Net, ResNet-18 encoder, 256², score = expected lymphocyte
-   area): HiPe's forward passes and wall time against the *floor* — the time the model alone
-   needs for the very same calls (same batch sizes), measured separately. Goal ≤ 1.10 × floor.
-2. The paper's Figure 3 toy (256² Gaussian blob, σ = 4 px, model = sum): the model is free, so
-   the wall time is HiPe's own overhead. Goal: well under 0.1 s.
-3. The same U-Net tile under Captum's ``Occlusion`` (16 px window, stride 8): passes and time.
+1. The paper's Figure 3 toy (256² Gaussian blob, σ = 4, 8, 16 px, model = sum, fade, mid-range):
+   the model is free, so the time is HiPe's own overhead, in ms per map (1 thread). With
+   ``--against-reference PATH`` the authors' ``HiPe.py``, loaded from PATH (it has no licence,
+   so it is never part of this repository: fetch it yourself), runs side by side, alternating
+   with this engine. Its code runs a fifth depth of 2 px cells (81, 25, 77, 81, 289 windows for
+   σ = 4) and works only at batch size 1, so the comparison runs this engine on the very same
+   windows (``min_cell_size=2``; the counts are printed and checked) at batch size 1 and at the
+   default 32.
+2. A residual U-Net tile (the bundled smp U-Net, 256², score = expected lymphocyte area):
+   HiPe's wall time against the *floor*, the time the model alone needs for the very same calls
+   (same batch sizes, recorded by wrapping the forward), alternating. Goal ≤ 1.10 × floor.
+3. ``--cells``: every lymphocyte of a dense synthetic 256² tile (``render_tile(40)``: 24 cells),
+   explained as one vector target ``(B, K)`` against one run per cell
+   (``wsi_hipe.scores.cell_area``): passes and time (goal ≥ 10× fewer passes), and the largest
+   difference between the two sets of maps.
+4. The same U-Net tile under Captum's ``Occlusion`` (16 px window, stride 8): passes and time.
 
 Usage::
 
-    python benchmarks/bench_hipe.py [--repeats 3] [--batch-size 32] [--threads 2] [--no-occlusion]
+    python benchmarks/bench_hipe.py [--repeats 3] [--batch-size 32] [--threads 2]
+        [--against-reference /path/to/HiPe.py] [--cells] [--no-unet] [--no-occlusion]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import os
 import statistics
+import sys
 import time
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,15 +45,18 @@ import torch
 
 from wsi_hipe import hierarchical_perturbation
 
+TOY_SIGMAS = (4.0, 8.0, 16.0)
 
-def unet_and_tile(size: int = 256, device: str = "cpu"):
-    """The bundled U-Net and a synthetic Hoechst tile with lymphocytes."""
+
+def unet_and_tile(size: int = 256, device: str = "cpu", seed: int = 3):
+    """The bundled U-Net and a synthetic Hoechst tile with lymphocytes (and its truth)."""
     from wsi_hipe.models import load_model
     from wsi_hipe.synthetic import render_tile
 
     model = load_model(device=device)
-    x = torch.from_numpy(render_tile(3, size=size).image)[None].float()
-    return model, x.to(device), "bundled weights"
+    tile = render_tile(seed, size=size)
+    x = torch.from_numpy(tile.image)[None].float()
+    return model, x.to(device), tile
 
 
 def lymphocyte_area(model):
@@ -56,10 +77,14 @@ class Recorder:
         return self.forward(batch)
 
 
+def sync_for(x: torch.Tensor):
+    return torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+
 def time_calls(forward, x, sizes, repeats):
     """Best-of-``repeats`` time of calling ``forward`` with batches of the given sizes."""
     best = float("inf")
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync = sync_for(x)
     with torch.no_grad():
         forward(x.unsqueeze(0).expand(max(sizes), *x.shape).contiguous())  # warm-up
         for _ in range(repeats):
@@ -71,48 +96,207 @@ def time_calls(forward, x, sizes, repeats):
     return best
 
 
-def bench_unet(args):
-    model, x, what = unet_and_tile(device=args.device)
+def timed(fn, sync=lambda: None):
+    """``(result, seconds)`` of ``fn()``, ``sync()`` included (CUDA: the queued work)."""
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t
+
+
+# --- 1. the Figure 3 toy, alone and against the authors' code -------------------------------
+
+
+def blob(sigma: float, size: int = 256) -> torch.Tensor:
+    r = torch.arange(size, dtype=torch.float32)
+    c = size // 2
+    return torch.exp(-((r[:, None] - c) ** 2 + (r[None, :] - c) ** 2) / (2 * sigma**2))[None]
+
+
+def total(batch: torch.Tensor) -> torch.Tensor:
+    return batch.flatten(1).sum(1)
+
+
+def load_reference(path: str):
+    """The authors' ``HiPe.py`` from ``path``; its plotting-only imports stubbed if missing.
+
+    ``torchray.utils.imsc``, matplotlib and pandas are only used when ``vis=True``, which this
+    benchmark never passes; a stub stands in for whichever is not installed.
+    """
+    for name in ("torchray.utils", "matplotlib.pyplot", "pandas"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                continue
+        except ModuleNotFoundError:
+            pass
+        parent = None
+        for part in name.split("."):
+            full = part if parent is None else f"{parent.__name__}.{part}"
+            module = sys.modules.setdefault(full, types.ModuleType(full))
+            if parent is not None:
+                setattr(parent, part, module)
+            parent = module
+    if "torchray.utils" in sys.modules and not hasattr(sys.modules["torchray.utils"], "imsc"):
+        sys.modules["torchray.utils"].imsc = None  # plotting only (vis=True)
+    spec = importlib.util.spec_from_file_location("hipe_reference", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--against-reference: cannot load {path!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_reference(ref, x: torch.Tensor):
+    """One map by the authors' code (fade, mid-range, batch 1; its prints discarded)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, info = ref.hierarchical_perturbation(
+            lambda b: total(b)[:, None],
+            x[None],
+            0,
+            perturbation_type="fade",
+            threshold_mode="mid-range",
+            batch_size=1,
+            return_info=True,
+        )
+    return info["masks"]
+
+
+def bench_toy(args):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.toy_threads)  # the toy's work is small: threads only add sync
+    ref = load_reference(args.against_reference) if args.against_reference else None
+    try:
+        for sigma in TOY_SIGMAS:
+            x = blob(sigma)
+            res = hierarchical_perturbation(total, x, substrate="fade")  # warm-up
+            times = []
+            for _ in range(args.toy_repeats):
+                res, t = timed(lambda x=x: hierarchical_perturbation(total, x, substrate="fade"))
+                times.append(t)
+            print(
+                f"Figure 3 toy σ={sigma:g} ({args.toy_threads} thread): {res.masks_per_depth} "
+                f"windows, {res.forward_passes} passes; best {min(times) * 1e3:.1f} ms, median "
+                f"{statistics.median(times) * 1e3:.1f} ms per map"
+            )
+            if ref is not None:
+                compare_with_reference(ref, x, sigma, args.reference_repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compare_with_reference(ref, x, sigma, repeats):
+    """Alternate the authors' code and this engine on the same windows; print the ratios."""
+
+    def ours(batch_size):
+        return hierarchical_perturbation(
+            total, x, substrate="fade", min_cell_size=2, batch_size=batch_size
+        )
+
+    theirs_t, ours1_t, ours32_t = [], [], []
+    for _ in range(repeats):
+        counts, t = timed(lambda: run_reference(ref, x))
+        theirs_t.append(t)
+        res1, t = timed(lambda: ours(1))
+        ours1_t.append(t)
+        res32, t = timed(lambda: ours(32))
+        ours32_t.append(t)
+    same = counts == res1.masks_per_depth == res32.masks_per_depth
+    med = statistics.median
+    print(
+        f"  vs the authors' HiPe.py, σ={sigma:g}, same windows {counts} ({sum(counts)}): "
+        f"{'counts match' if same else 'COUNTS DIFFER: ' + str(res1.masks_per_depth)}; "
+        f"theirs (batch 1) median {med(theirs_t) * 1e3:.0f} ms; ours batch 1 "
+        f"{med(ours1_t) * 1e3:.1f} ms → {med(theirs_t) / med(ours1_t):.0f}× less, ours batch 32 "
+        f"{med(ours32_t) * 1e3:.1f} ms → {med(theirs_t) / med(ours32_t):.0f}× less "
+        f"(medians of {repeats} alternating runs)"
+    )
+
+
+# --- 2. the U-Net tile against its forward floor -------------------------------------------
+
+
+def bench_unet(args, model, x):
     forward = lymphocyte_area(model)
     rec = Recorder(forward)
     hierarchical_perturbation(rec, x, batch_size=args.batch_size)  # warm-up, records the calls
     sizes = list(rec.sizes)
+    sync = sync_for(x)
     hipe_times, floor_times = [], []
     for _ in range(args.repeats):
         t = time.perf_counter()
         res = hierarchical_perturbation(forward, x, batch_size=args.batch_size)
+        sync()
         hipe_times.append(time.perf_counter() - t)
         floor_times.append(time_calls(forward, x, sizes, 1))
     hipe_t, floor_t = min(hipe_times), min(floor_times)
+    ratios = [h / f for h, f in zip(hipe_times, floor_times, strict=True)]
     print(
-        f"U-Net tile ({what}), 256², batch {args.batch_size}: {res.forward_passes} passes "
-        f"{res.masks_per_depth}; HiPe {hipe_t:.3f} s, floor {floor_t:.3f} s, "
-        f"ratio {hipe_t / floor_t:.3f} (median ratio "
-        f"{statistics.median(h / f for h, f in zip(hipe_times, floor_times, strict=True)):.3f})"
+        f"U-Net tile (bundled weights), 256², batch {args.batch_size}: {res.forward_passes} "
+        f"passes {res.masks_per_depth}; HiPe {hipe_t:.3f} s, floor {floor_t:.3f} s, ratio "
+        f"{hipe_t / floor_t:.3f} (median of the {len(ratios)} ratios "
+        f"{statistics.median(ratios):.3f})"
     )
-    return model, x, forward, res, hipe_t
+    return forward, res, hipe_t
 
 
-def bench_toy(args):
-    r = torch.arange(256, dtype=torch.float32)
-    x = torch.exp(-((r[:, None] - 128) ** 2 + (r[None, :] - 128) ** 2) / (2 * 4.0**2))[None]
+# --- 3. every cell of a dense tile: one vector run vs one run per cell ----------------------
 
-    def total(b):
-        return b.flatten(1).sum(1)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.toy_threads)  # the toy's work is small: threads only add sync
-    res = hierarchical_perturbation(total, x, substrate="fade")  # warm-up
-    times = []
-    for _ in range(max(20, args.repeats)):
-        t = time.perf_counter()
-        res = hierarchical_perturbation(total, x, substrate="fade")
-        times.append(time.perf_counter() - t)
-    torch.set_num_threads(threads)
+def cell_scores(model, labels):
+    """One ``cell_area`` score per lymphocyte, and the ``(B, K)`` forward of all of them."""
+    import numpy as np
+
+    from wsi_hipe.scores import cell_area
+
+    ids = [int(i) for i in np.unique(labels) if i > 0]
+    scores = [cell_area(model, labels, label=i) for i in ids]
+    if any(s.activation != "softmax" or s.class_index != (1,) for s in scores):
+        raise SystemExit("the vector forward below assumes softmax and class 1")
+    device = model.device
+    weights = torch.stack([s.region.flatten() for s in scores], dim=1).to(device)  # (H·W, K)
+
+    def all_cells(batch):  # the same probabilities and masks as each cell_area, as one GEMM
+        p = torch.softmax(model(batch).float(), dim=1)[:, 1]
+        return p.flatten(1) @ weights
+
+    return ids, scores, all_cells
+
+
+def bench_cells(args, model):
+    from wsi_hipe.synthetic import render_tile
+
+    tile = render_tile(args.cells_seed, size=256)
+    x = torch.from_numpy(tile.image)[None].float().to(model.device)
+    ids, scores, all_cells = cell_scores(model, tile.lymphocytes)
+    sync = sync_for(x)
+    hierarchical_perturbation(all_cells, x, batch_size=args.batch_size, max_depth=1)  # warm-up
+
+    def explain(forward):
+        return hierarchical_perturbation(forward, x, batch_size=args.batch_size)
+
+    vec, vec_t = timed(lambda: explain(all_cells), sync)
+    singles, single_t = [], 0.0
+    for score in scores:
+        res, t = timed(lambda s=score: explain(s), sync)
+        singles.append(res)
+        single_t += t
+    single_passes = sum(r.forward_passes for r in singles)
+    worst = max(
+        float((vec.saliency[k] - r.saliency).abs().max() / r.saliency.abs().max().clamp_min(1e-30))
+        for k, r in enumerate(singles)
+    )
+    same_windows = all(vec.target_masks[k] == r.masks_per_depth for k, r in enumerate(singles))
     print(
-        f"Figure 3 toy ({args.toy_threads} thread): {res.masks_per_depth} windows, "
-        f"{res.forward_passes} passes; best {min(times) * 1e3:.1f} ms, median {statistics.median(times) * 1e3:.1f} ms per map"
+        f"Cells of render_tile({args.cells_seed}), 256², {len(ids)} lymphocytes, batch "
+        f"{args.batch_size}: one vector run {vec.forward_passes} passes "
+        f"{vec.masks_per_depth} in {vec_t:.1f} s; one run per cell {single_passes} passes in "
+        f"{single_t:.1f} s → {single_passes / vec.forward_passes:.1f}× fewer passes, "
+        f"{single_t / vec_t:.1f}× faster; per-cell windows identical: {same_windows}; largest "
+        f"map difference {worst:.1e} of the cell's maximum"
     )
+
+
+# --- 4. Captum Occlusion ------------------------------------------------------------------
 
 
 def bench_occlusion(args, x, forward, hipe_res, hipe_t):
@@ -138,20 +322,33 @@ def bench_occlusion(args, x, forward, hipe_res, hipe_t):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="U-Net: HiPe/floor pairs")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-occlusion", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--toy-threads", type=int, default=1)
+    p.add_argument("--toy-repeats", type=int, default=20)
+    p.add_argument("--against-reference", metavar="PATH", help="the authors' HiPe.py")
+    p.add_argument("--reference-repeats", type=int, default=5)
+    p.add_argument("--cells", action="store_true", help="vector run vs one run per cell")
+    p.add_argument("--cells-seed", type=int, default=40)
+    p.add_argument("--no-unet", action="store_true")
+    p.add_argument("--no-occlusion", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, load {load:.1f}")
     bench_toy(args)
-    model, x, forward, res, hipe_t = bench_unet(args)
-    if not args.no_occlusion:
-        bench_occlusion(args, x, forward, res, hipe_t)
+    if args.no_unet and not args.cells:
+        return
+    model, x, _ = unet_and_tile(device=args.device)
+    if not args.no_unet:
+        forward, res, hipe_t = bench_unet(args, model, x)
+        if not args.no_occlusion:
+            bench_occlusion(args, x, forward, res, hipe_t)
+    if args.cells:
+        bench_cells(args, model)
 
 
 if __name__ == "__main__":

@@ -284,8 +284,15 @@ def hierarchical_perturbation(
         ``(B,)`` or ``(B, K)`` (one K throughout) finite scores.
     """
     t_start = time.perf_counter()
-    substrate = _check_options(forward, substrate, threshold, batch_size, max_depth,
-                               min_cell_size, noise_rtol)  # fmt: skip
+    substrate = _check_options(
+        forward,
+        substrate=substrate,
+        threshold=threshold,
+        batch_size=batch_size,
+        max_depth=max_depth,
+        min_cell_size=min_cell_size,
+        noise_rtol=noise_rtol,
+    )
     x, out_device = _as_input(x, device, start_grid)
     m = min(x.shape[1:])
     n = start_grid if start_grid is not None else start_grid_size(m)
@@ -302,11 +309,10 @@ def hierarchical_perturbation(
                 break
             paste.prepare(windows)
             for rows in windows.batches(batch_size):
-                scores = _perturb_batch(run, paste, windows, rows)
-                _accumulate(run, windows, rows, scores)
+                _perturb_batch(run, paste, windows, rows)
                 if progress is not None:
                     progress(depth, rows[1] - windows.with_clean, len(windows.boxes))
-            run.finish_depth(windows)
+            _accumulate(run, windows)
             n *= 2
         return run.result(stop_reason, out_device, time.perf_counter() - t_start)
 
@@ -351,17 +357,17 @@ def _select_windows(run: _Run, n: int, depth: int, threshold: str) -> _Windows |
     selected = (_window_max(sal) >= t[:, None]) & responsive[:, None]
     counts = selected.sum(dim=1)
     union = selected.any(dim=0)
-    k = run.k
     packed = [run.bad, counts, t, responsive, union]
-    host = torch.cat([v.double() for v in packed]).cpu().numpy()  # the depth's one sync
-    run.check_finite(host[:3])
-    counts_h, t_h, resp_h = host[3 : 3 + k], host[3 + k : 3 + 2 * k], host[3 + 2 * k : 3 + 3 * k]
-    run.record_targets(counts_h.astype(int).tolist(), t_h.tolist(), (resp_h > 0).tolist())
+    host = torch.cat([v.double() for v in packed]).cpu()  # the depth's one sync
+    bad, counts_h, t_h, resp_h, union_h = host.split([len(v) for v in packed])
+    run.check_finite(bad.tolist())
+    counts_h, t_h, resp_h = counts_h.long().tolist(), t_h.tolist(), resp_h.bool().tolist()
+    run.record_targets(counts_h, t_h, resp_h)
     run.active = responsive & (counts > 0)
-    flat = np.flatnonzero(host[3 + 3 * k :])
+    flat = np.flatnonzero(union_h.numpy())
     if flat.size == 0:
         return None
-    chosen = [float(t) for t, c, r in zip(t_h, counts_h, resp_h, strict=True) if c > 0 and r > 0]
+    chosen = [t for t, c, r in zip(t_h, counts_h, resp_h, strict=True) if c > 0 and r]
     run.record_depth(n, flat.size, chosen)
     return _windows(run, n, flat, selected=selected, with_clean=False)
 
@@ -378,13 +384,12 @@ def _windows(run: _Run, n: int, flat: np.ndarray, *, selected, with_clean) -> _W
     boxes = [tuple(map(slice, a, b)) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
     # The depth's one host→device transfer: window indices and pixel bounds.
     table = torch.from_numpy(np.concatenate([flat[:, None], lo, hi], axis=1)).to(run.dev)
-    d = run.ndim
-    return _Windows(n, boxes, table[:, 0], table[:, 1 : 1 + d], table[:, 1 + d :], selected,
-                    with_clean)  # fmt: skip
+    flat_d, lo_d, hi_d = table.split([1, run.ndim, run.ndim], dim=1)
+    return _Windows(n, boxes, flat_d[:, 0], lo_d, hi_d, selected, with_clean)
 
 
-def _perturb_batch(run: _Run, paste: _Paste, windows: _Windows, rows: tuple[int, int]):
-    """Scores ``(b, K)`` of rows ``[start, stop)`` of ``[clean] + windows``.
+def _perturb_batch(run: _Run, paste: _Paste, windows: _Windows, rows: tuple[int, int]) -> None:
+    """Score rows ``[start, stop)`` of ``[clean] + windows`` into ``run.depth_scores``.
 
     Pastes each row's window into the reused buffer, calls the model once, restores the rows.
     """
@@ -393,36 +398,36 @@ def _perturb_batch(run: _Run, paste: _Paste, windows: _Windows, rows: tuple[int,
     placed = [(r, first + r) for r in range(stop - start) if first + r >= 0]
     for r, j in placed:
         paste.into(run.buf, r, windows, j)
-    scores = run.call(run.buf[: stop - start])
+    run.score_rows(start, run.buf[: stop - start])
     for r, j in placed:
         paste.restore(run.buf, r, windows.boxes[j])
-    return scores
 
 
-def _accumulate(run: _Run, windows: _Windows, rows: tuple[int, int], scores: torch.Tensor):
-    """Credit each window's score drop to the targets that selected it.
+def _accumulate(run: _Run, windows: _Windows) -> None:
+    """Credit each window's score drop to the targets that selected it (once per depth).
 
-    Drops at or below the noise tolerance are 0; NaN and inf are counted on the device and
-    reported at the next sync.
+    A drop at or below the noise tolerance is 0. NaN and inf are counted on the device and
+    reported at the next sync. Updates the cell-grid saliency and each target's largest drop.
     """
-    start, _ = rows
-    if windows.with_clean and start == 0:
+    scores = run.depth_scores  # (rows, K): [clean] + windows at depth 1, windows later
+    if windows.with_clean:
         run.set_clean(scores[0])
         scores = scores[1:]
-        start = 1
-    if len(scores) == 0:
-        return
     run.count_non_finite(scores)
     clean = run.clean[None, :]
     drop = clean - scores
     tol = run.noise_rtol * torch.maximum(clean.abs(), scores.abs())
     drop = torch.where(drop > tol, drop, torch.zeros((), dtype=drop.dtype, device=drop.device))
-    first = start - windows.with_clean
-    idx = windows.flat[first : first + len(scores)]
-    drop = drop.T.to(torch.float32)  # (K, b)
+    drop = drop.T.to(torch.float32)  # (K, W)
     if windows.selected is not None:
-        drop = drop * windows.selected[:, idx]
-    run.window_drop.index_copy_(1, idx, drop)
+        drop = drop * windows.selected[:, windows.flat]
+    shape = (run.k,) + (windows.n + 1,) * run.ndim
+    window_drop = torch.zeros(shape, dtype=torch.float32, device=run.dev)
+    window_drop.view(run.k, -1).index_copy_(1, windows.flat, drop)
+    run.prev_max = drop.amax(dim=1)
+    cells = _cell_sum(window_drop)
+    run.sal = cells if run.sal is None else run.refine(windows.n) + cells
+    run.sal_n = windows.n
 
 
 # --- run state ---------------------------------------------------------------------------
@@ -452,12 +457,12 @@ class _Run:
         self.target_stop: list[str | None] = []
         self.sal: torch.Tensor | None = None  # (K, n, ...) float32 on the cell grid of sal_n
         self.sal_n = 0
-        self.window_drop: torch.Tensor | None = None
+        self.depth_scores: torch.Tensor | None = None  # (rows, K) scores of the current depth
 
     # model calls -------------------------------------------------------------------------
 
-    def call(self, batch: torch.Tensor) -> torch.Tensor:
-        """``forward(batch)`` as ``(b, K)`` in the working dtype, checked against earlier calls."""
+    def score_rows(self, start: int, batch: torch.Tensor) -> None:
+        """``forward(batch)``, checked against earlier calls, into ``depth_scores[start:]``."""
         out = self.forward(batch)
         if not isinstance(out, torch.Tensor):
             out = torch.as_tensor(out)
@@ -479,8 +484,8 @@ class _Run:
                 "scores before; it must return (B,) on every call, or (B, K) with one K on "
                 "every call"
             )
-        out = out.to(device=self.dev, dtype=self.work_dtype, copy=True)  # no view of the buffer
-        return out if vector else out[:, None]
+        # A copy (never a view of the batch buffer), in the working dtype, on the device.
+        self.depth_scores[start : start + b] = out if vector else out[:, None]
 
     def _start(self, vector: bool, k: int, dtype: torch.dtype) -> None:
         """First call: K targets, all selecting every depth-1 window."""
@@ -492,10 +497,10 @@ class _Run:
         self.target_masks = [list(self.masks_per_depth) for _ in range(k)]
         self.target_thresholds = [list(self.thresholds) for _ in range(k)]
         self.target_stop = [None] * k
-        self.window_drop = self._new_window_drop(self.grid_sizes[-1])
+        self.depth_scores = self._new_depth_scores(self.masks_per_depth[-1] + 1)
 
-    def _new_window_drop(self, n: int) -> torch.Tensor:
-        return torch.zeros((self.k, (n + 1) ** self.ndim), dtype=torch.float32, device=self.dev)
+    def _new_depth_scores(self, rows: int) -> torch.Tensor:
+        return torch.empty((rows, self.k), dtype=self.work_dtype, device=self.dev)
 
     def set_clean(self, clean: torch.Tensor) -> None:
         """``f(x)`` ``(K,)``, scored in the first batch like every perturbed input."""
@@ -529,7 +534,7 @@ class _Run:
         self.thresholds.append(min(thresholds))
         self.grid_sizes.append(n)
         if self.k is not None:
-            self.window_drop = self._new_window_drop(n)
+            self.depth_scores = self._new_depth_scores(windows)
 
     def record_targets(self, counts: list[int], thresholds: list[float], responsive: list[bool]):
         """Per-target bookkeeping of a depth ≥ 2: own windows and threshold, or why it stops."""
@@ -538,8 +543,8 @@ class _Run:
                 continue
             if not resp or count == 0:
                 self.target_stop[k] = "no_response" if not resp else "no_window"
-                logger.debug("target %d stops after depth %d: %s", k,
-                             len(self.target_masks[k]), self.target_stop[k])  # fmt: skip
+                depth = len(self.target_masks[k])
+                logger.debug("target %d stops after depth %d: %s", k, depth, self.target_stop[k])
                 continue
             self.target_masks[k].append(count)
             self.target_thresholds[k].append(t)
@@ -547,15 +552,6 @@ class _Run:
     def early_stop_reason(self) -> str:
         reasons = [r for r in self.target_stop if r is not None]
         return "no_response" if all(r == "no_response" for r in reasons) else "no_window"
-
-    def finish_depth(self, windows: _Windows) -> None:
-        """Add the depth's credits to the cell-grid saliency; keep each target's largest drop."""
-        n = windows.n
-        drops = self.window_drop
-        self.prev_max = drops.amax(dim=1)
-        cells = _cell_sum(drops.view((self.k,) + (n + 1,) * self.ndim))
-        self.sal = cells if self.sal is None else self.refine(n) + cells
-        self.sal_n = n
 
     def refine(self, n: int) -> torch.Tensor:
         """The saliency on the cell grid of ``n`` (exact: cells of 2n nest in cells of n)."""
@@ -631,8 +627,9 @@ class _Paste:
 # --- checks and helpers -----------------------------------------------------------------
 
 
-def _check_options(forward, substrate, threshold, batch_size, max_depth, min_cell_size,
-                   noise_rtol):  # fmt: skip
+def _check_options(
+    forward, *, substrate, threshold, batch_size, max_depth, min_cell_size, noise_rtol
+):
     """Validate the options; returns the substrate with old spellings mapped (``zero``→``fade``)."""
     if not callable(forward):
         raise ValueError(
