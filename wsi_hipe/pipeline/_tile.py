@@ -255,7 +255,9 @@ def compute_tile(
         record["seconds"] = round(time.perf_counter() - t0, 4)
         logger.warning("tile %d (y=%d, x=%d) failed: %s", job.index, job.y, job.x, exc)
         return TileOutcome(record)
-    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))[None]  # (1, H, W)
+    # The tile goes to the model's device once; HiPe builds every perturbed batch there.
+    device = model.device
+    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32)).to(device)[None]
     logits = model(x[None])
     segmentation = model.segment(x[None], logits=logits)[0].to(torch.uint8).cpu().numpy()
     cell_mask = None if cell_at is None else cell_mask_at(segmentation, cell_at, spec.class_index)
@@ -266,7 +268,9 @@ def compute_tile(
         saliency = np.zeros((side, side), dtype=np.float32)
         record["status"] = "skipped"
     else:
-        result = hierarchical_perturbation(forward, x, progress=hipe_progress, **spec.hipe)
+        result = hierarchical_perturbation(
+            forward, x, device=device, progress=hipe_progress, **spec.hipe
+        )
         saliency = result.saliency.detach().float().cpu().numpy()
         passes += result.forward_passes
         record["status"] = "done"
