@@ -19,8 +19,10 @@ from wsi_hipe.models import (
     ModelMeta,
     SegmentationModel,
     architecture_dict,
+    autocast_dtype,
     build_unet,
     count_parameters,
+    exact_float32,
     file_sha256,
     fold_batchnorm,
     load_model,
@@ -460,3 +462,71 @@ def test_cuda_autocast_returns_float32_close_to_fp32(tiny_ckpt: Path) -> None:
     probs_ref = torch.softmax(ref, 1)
     probs = torch.softmax(out, 1)
     assert (probs - probs_ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize(
+    "device_type, capability, expected",
+    [
+        ("cuda", (9, 0), torch.bfloat16),  # H100 / H200
+        ("cuda", (8, 0), torch.bfloat16),  # A100
+        ("cuda", (8, 6), torch.bfloat16),  # RTX 30xx, A40
+        ("cuda", (7, 5), torch.float16),  # T4: bf16 only emulated (is_bf16_supported() says yes)
+        ("cuda", (7, 0), torch.float16),  # V100
+        ("cuda", (6, 1), None),  # P40 / GTX 10xx: half precision gains nothing
+        ("cuda", None, None),
+        ("cpu", None, None),
+        ("cpu", (9, 0), None),
+        ("mps", None, None),
+    ],
+)
+def test_autocast_dtype_follows_the_compute_capability(device_type, capability, expected) -> None:
+    assert autocast_dtype(device_type, capability) is expected
+
+
+def test_cpu_models_compute_in_float32_whatever_autocast_says(tiny_ckpt: Path) -> None:
+    for autocast in (None, True, False):
+        model = load_model(tiny_ckpt, device="cpu", autocast=autocast)
+        assert not model.autocast_enabled and model.compute_dtype is torch.float32
+        assert "compute_dtype=float32" in repr(model)
+
+
+def test_exact_float32_switches_tf32_off_and_restores_the_settings() -> None:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        settings = [
+            (conv, "fp32_precision", "ieee"),
+            (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+        ]
+    else:
+        settings = [
+            (torch.backends.cudnn, "allow_tf32", False),
+            (torch.backends.cuda.matmul, "allow_tf32", False),
+        ]
+    before = [getattr(obj, name) for obj, name, _ in settings]
+    with exact_float32():
+        assert [getattr(obj, name) for obj, name, _ in settings] == [v for _, _, v in settings]
+    assert [getattr(obj, name) for obj, name, _ in settings] == before
+    with pytest.raises(KeyError), exact_float32():
+        raise KeyError("restored on errors too")
+    assert [getattr(obj, name) for obj, name, _ in settings] == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_dtype_is_decided_once_from_the_capability(
+    tiny_ckpt: Path, monkeypatch
+) -> None:
+    amp = load_model(tiny_ckpt, device="cuda", autocast=True)
+    capability = torch.cuda.get_device_capability()
+    expected = autocast_dtype("cuda", capability) or torch.float32
+    assert amp.compute_dtype is expected
+    seen = []
+    first_conv = next(m for m in amp.network.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+
+    def asked(*args, **kwargs):
+        raise AssertionError("is_bf16_supported() asked during a forward")
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", asked)
+    out = amp(_batch(2, 64))
+    assert out.dtype == torch.float32 and seen == [expected]

@@ -9,6 +9,9 @@
 - :func:`bundled_model_path`, :func:`model_sha256`, :func:`file_sha256` - provenance (the
   project's one file hash).
 - :func:`resolve_device` - the one device resolution (``"auto"`` → CUDA when available).
+- :func:`autocast_dtype` - bf16 / fp16 / float32 from the device's compute capability, decided
+  once per model (``SegmentationModel.compute_dtype``); :func:`exact_float32` - a block
+  without TF32, for exact comparisons on a GPU.
 
 The bundled model segments ``("background", "lymphocyte", "nucleus")`` (softmax; "nucleus"
 = non-lymphocyte nuclei) in one normalised Hoechst channel at 0.5 µm/px; see
@@ -33,6 +36,7 @@ from wsi_hipe.models._load import (
     load_model,
     model_sha256,
 )
+from wsi_hipe.models._precision import autocast_dtype, device_capability, exact_float32
 from wsi_hipe.models._unet import (
     RESNET_ENCODERS,
     architecture_dict,
@@ -56,9 +60,12 @@ __all__ = [
     "ModelMeta",
     "SegmentationModel",
     "architecture_dict",
+    "autocast_dtype",
     "build_unet",
     "bundled_model_path",
     "count_parameters",
+    "device_capability",
+    "exact_float32",
     "file_sha256",
     "fold_batchnorm",
     "load_model",

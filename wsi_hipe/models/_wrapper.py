@@ -13,6 +13,7 @@ from torch import nn
 from wsi_hipe.config import check_device
 from wsi_hipe.errors import ModelError
 from wsi_hipe.models._checkpoint import ModelMeta
+from wsi_hipe.models._precision import autocast_dtype, device_capability
 
 __all__ = ["SegmentationModel", "logits_to_labels", "logits_to_probabilities", "resolve_device"]
 
@@ -69,8 +70,10 @@ class SegmentationModel(nn.Module):
     device : str or torch.device, optional
         ``None`` / ``"auto"``: CUDA when available, else CPU. Inputs are moved here.
     autocast : bool, optional
-        Run the network under bf16 (or fp16 where bf16 is unsupported) autocast. Only ever
-        applies on CUDA; ``None`` means on for CUDA. Logits are returned in float32 either way.
+        Run the network under autocast in :attr:`compute_dtype`: bf16 on GPUs of compute
+        capability ≥ 8.0, fp16 on 7.x, float32 below (:func:`autocast_dtype`, decided once
+        per device, not per call). Only ever applies on CUDA; ``None`` means on for CUDA.
+        Logits are returned in float32 either way.
     channels_last : bool, optional
         Use the channels-last memory format; ``None`` means on for CUDA only.
 
@@ -101,6 +104,7 @@ class SegmentationModel(nn.Module):
         self.meta = meta
         self._device = resolve_device(device)
         self._autocast = autocast
+        self._amp_dtype = autocast_dtype(self._device.type, device_capability(self._device))
         self._channels_last = channels_last
         if isinstance(network, nn.Module):
             self.network: nn.Module | None = network.to(self._device).eval()
@@ -140,10 +144,17 @@ class SegmentationModel(nn.Module):
 
     @property
     def autocast_enabled(self) -> bool:
-        """Whether calls run under autocast (CUDA only)."""
-        if self._device.type != "cuda":
+        """Whether calls run under autocast (CUDA of compute capability ≥ 7.0 only)."""
+        if self._device.type != "cuda" or self._amp_dtype is None:
             return False
         return True if self._autocast is None else bool(self._autocast)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the network computes in: the autocast dtype when autocast is on, else
+        float32. Outputs computed in another dtype differ beyond float rounding, so the
+        pipeline makes it part of an output's identity (a resume needs the same one)."""
+        return self._amp_dtype if self.autocast_enabled else torch.float32
 
     @property
     def _use_channels_last(self) -> bool:
@@ -171,6 +182,7 @@ class SegmentationModel(nn.Module):
                     break
         if device is not None:
             self._device = resolve_device(device)
+            self._amp_dtype = autocast_dtype(self._device.type, device_capability(self._device))
         return self
 
     def cpu(self) -> SegmentationModel:
@@ -187,6 +199,7 @@ class SegmentationModel(nn.Module):
         return (
             f"classes={list(self.class_names)}, activation={self.meta.activation!r}, "
             f"in_channels={self.in_channels}, mpp={self.meta.mpp}, device={self._device}, "
+            f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}, "
             f"source={self.meta.source!r}"
         )
 
@@ -266,8 +279,7 @@ class SegmentationModel(nn.Module):
         wants_grad = torch.is_grad_enabled() and x.requires_grad
         grad_ctx = contextlib.nullcontext() if wants_grad else torch.inference_mode()
         if self.autocast_enabled:
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            amp_ctx: Any = torch.autocast(device_type="cuda", dtype=dtype)
+            amp_ctx: Any = torch.autocast(device_type="cuda", dtype=self._amp_dtype)
         else:
             amp_ctx = contextlib.nullcontext()
         fn = self.network if self.network is not None else self._fn
