@@ -109,8 +109,11 @@ def test_auto_refuses_different_nuclear_stains():
 
 
 def test_auto_with_one_channel_takes_it_whatever_its_name():
-    assert select_channel("auto", chans("CHAN_0"), path="s")[0] == 0
+    assert select_channel("auto", chans("CHAN_0"), path="s") == (0, "auto: single channel")
     assert select_channel("auto", (ChannelInfo(),), path="s")[0] == 0
+    assert select_channel("mean", (ChannelInfo(),), path="s")[0] == 0
+    with pytest.raises(StainError, match="no channel named 'mean'"):
+        select_channel("mean", chans("DAPI", "CD3"), path="s")
 
 
 def test_auto_without_a_nuclear_name_lists_the_channels_and_the_flag():

@@ -8,7 +8,8 @@ Choosing a channel
 * a name from the file's metadata (OME ``Channel@Name``, QPTIFF ``Name``/``Biomarker``, NGFF
   ``omero`` labels), case-insensitive; an exact name wins, else a unique prefix (``"hoe"`` for
   ``"Hoechst 33342"``); several channels matching is an error listing them;
-* ``"auto"``: the nuclear stain by name, or the only channel. A name is a nuclear stain when
+* ``"auto"``: the nuclear stain by name, or the only channel (``"mean"`` also names the only
+  channel, as it names the gray of an RGB slide). A name is a nuclear stain when
   one of its words is (or is followed only by digits) one of :data:`NUCLEAR_STAINS` — DAPI,
   Hoechst, DNA, DRAQ5/7, NucBlue, "nuclear", "nuclei", SYTO, TO-PRO, RedDot, or an iridium
   DNA intercalator of imaging mass cytometry (Ir191/Ir193). When every match is the same stain
@@ -202,6 +203,8 @@ def select_channel(
     text = spec.strip()
     if text.lower() == "auto":
         return _auto_channel(channels, path=path, fix=fix)
+    if text.lower() == "mean" and n == 1:  # RGB slides' "mean of R, G, B" of a gray image
+        return 0, "explicit: mean (single channel)"
     low = text.lower()
     exact = [i for i, c in enumerate(channels) if c.name and c.name.strip().lower() == low]
     matches = exact or [
@@ -252,7 +255,7 @@ def _auto_channel(channels: Sequence[ChannelInfo], *, path: str, fix: str) -> tu
                 f"{channels[0].fluor!r}), not a fluorescence nuclear stain; pass --channel 0 "
                 "(slide.channel) to use it anyway"
             )
-        return 0, "auto: the only channel"
+        return 0, "auto: single channel"
     if n == 0:
         raise SlideFormatError(f"slide {path} has no channels")
     raise StainError(
