@@ -22,6 +22,9 @@ Layout (``OUT.ome.zarr``)::
     labels/segmentation/  0/ 1/ ...  uint8 argmax class (0 background, 1 lymphocyte, 2 nucleus)
     labels/tissue/        0/ 1/ ...  uint8 tissue mask (1 = tissue) at the target resolution
     wsi_hipe/             a Zarr group holding tiles.jsonl (the live table) and tiles.csv
+    (with cells)          labels/cells/ (uint32 instance ids), wsi_hipe/cells/<tile>.npz (live
+                          per-tile rows), tables/cells/ (AnnData, written by finalize): see
+                          ``_tables`` and :meth:`OutputStore.write_cells`
 
 Coordinates: the output is at ``mpp`` µm/px, the slide's level 0 at ``slide_mpp``. Target pixel
 ``i`` covers slide level-0 pixels ``[i·s, (i+1)·s)`` with ``s = mpp / slide_mpp``. With the slide's
@@ -39,7 +42,8 @@ the wsi-hipe napari plugin places layers with :meth:`OutputView.transform`.
 Modules: ``_metadata`` (NGFF attributes, multiscales, label metadata, and where NGFF 0.4 / 0.5
 keep them), ``_tiles`` (the tile table), ``_pyramid`` (level shapes and building), ``_writer``
 (:func:`create_output`, :func:`open_output`, :class:`OutputStore`), ``_reader``
-(:func:`read_output`, :class:`OutputView`). Import from ``wsi_hipe.omezarr``.
+(:func:`read_output`, :class:`OutputView`), ``_tables`` (per-cell rows, the cells table,
+:class:`CellRows`, :class:`CellsView`). Import from ``wsi_hipe.omezarr``.
 """
 
 from __future__ import annotations
@@ -57,10 +61,15 @@ from ._metadata import (
 )
 from ._pyramid import pyramid_shapes
 from ._reader import OutputView, read_output
+from ._tables import CELL_COLUMNS, CELL_STATUSES, CellRows, CellsView
 from ._tiles import FINISHED_STATUSES, TILE_FIELDS, TILE_STATUSES
 from ._writer import OutputStore, create_output, open_output
 
 __all__ = [
+    "CELL_COLUMNS",
+    "CELL_STATUSES",
+    "CellRows",
+    "CellsView",
     "NGFF_VERSIONS",
     "SEGMENTATION_CLASSES",
     "SEGMENTATION_COLORS",

@@ -66,6 +66,20 @@ IMAGES: tuple[tuple[str, str, type, str], ...] = (
     ("labels/segmentation", "segmentation", np.uint8, "mode"),
     ("labels/tissue", "tissue", np.uint8, "mode"),
 )
+#: The instance labels of an output made with cells (:mod:`wsi_hipe.omezarr._tables`).
+CELLS_IMAGE: tuple[str, str, type, str] = ("labels/cells", "cells", np.uint32, "mode")
+
+
+def images(cells: bool) -> tuple[tuple[str, str, type, str], ...]:
+    """The image groups of an output, ``labels/cells`` included when it has cells."""
+    return (*IMAGES, CELLS_IMAGE) if cells else IMAGES
+
+
+def label_names(cells: bool) -> list[str]:
+    """The ``labels`` list of the root's ``labels`` group."""
+    return [*LABELS, "cells"] if cells else list(LABELS)
+
+
 #: Root attribute (and sub-group) holding wsi-hipe's provenance and state.
 META_GROUP = "wsi_hipe"
 STATE_CREATING, STATE_WRITING, STATE_FINAL = "creating", "writing", "finalized"
@@ -295,6 +309,8 @@ def image_ome(
         ome["image-label"] = _image_label(SEGMENTATION_CLASSES, SEGMENTATION_COLORS, ngff)
     elif name == "tissue":
         ome["image-label"] = _image_label(TISSUE_CLASSES, TISSUE_COLORS, ngff)
+    elif name == "cells":  # instance ids: no per-value colours or properties (viewers pick)
+        ome["image-label"] = _versioned({"source": {"image": "../../"}}, ngff)
     return ome
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import OutputError
 from ..tiling import PixelTransform
 from ._metadata import META_GROUP, STATE_FINAL, ome_attrs, read_meta
+from ._tables import CELLS_LABELS, CellsView
 from ._tiles import TILES_JSONL, read_jsonl
 
 __all__ = ["OutputView", "read_output"]
@@ -39,6 +40,8 @@ class OutputView:
     ngff : str
     finalized : bool
         False while the run is going on or after a crash (only level 0 is then meaningful).
+    cells : CellsView or None
+        The per-cell labels and table of an output made with cells (None otherwise).
     """
 
     path: Path
@@ -52,6 +55,7 @@ class OutputView:
     ngff: str
     finalized: bool
     transforms: list = field(repr=False, default_factory=list)
+    cells: CellsView | None = field(repr=False, default=None)
 
     @property
     def levels(self) -> int:
@@ -149,6 +153,18 @@ def read_output(path: str | os.PathLike) -> OutputView:
     segmentation, _ = _levels(root["labels/segmentation"])
     tissue, _ = _levels(root["labels/tissue"])
     records = read_jsonl(path / TILES_JSONL)
+    finalized = meta.get("state") == STATE_FINAL
+    cells = None
+    if isinstance(meta.get("cells"), dict) and CELLS_LABELS in root:
+        labels, _ = _levels(root[CELLS_LABELS])
+        cells = CellsView(
+            path=path,
+            labels=labels,
+            info=dict(meta["cells"]),
+            mpp=float(meta["mpp"]),
+            slide_mpp=float(meta["slide_mpp"]),
+            finalized=finalized,
+        )
     return OutputView(
         path=path,
         saliency=saliency,
@@ -159,6 +175,7 @@ def read_output(path: str | os.PathLike) -> OutputView:
         mpp=float(meta["mpp"]),
         slide_mpp=float(meta["slide_mpp"]),
         ngff=str(meta["ngff"]),
-        finalized=meta.get("state") == STATE_FINAL,
+        finalized=finalized,
         transforms=transforms,
+        cells=cells,
     )

@@ -20,8 +20,6 @@ from ..config import NgffVersion
 from ..errors import OutputError, ResumeMismatchError
 from ._metadata import (
     FORMAT_VERSION,
-    IMAGES,
-    LABELS,
     META_GROUP,
     NGFF_VERSIONS,
     SALIENCY,
@@ -32,14 +30,28 @@ from ._metadata import (
     as_shape,
     check_mpp,
     image_ome,
+    images,
     is_zarr_dir,
     jsonable,
+    label_names,
     make_fingerprint,
     now,
     read_meta,
     write_ome_attrs,
 )
 from ._pyramid import array_range, build_levels, create_level, pyramid_shapes
+from ._tables import (
+    CELL_ROWS,
+    CELLS_LABELS,
+    CELLS_TABLE,
+    CellRows,
+    cells_frame,
+    paint_own_chunk,
+    remove_temporaries,
+    repaint_labels,
+    rows_path,
+    write_table,
+)
 from ._tiles import (
     FINISHED_STATUSES,
     TILES_CSV,
@@ -82,6 +94,8 @@ class OutputStore:
         µm/px of the output's level 0 and of the slide's level 0.
     ngff : {"0.4", "0.5"}
     fingerprint : str
+    cells_info : dict or None
+        What the run said about its cells (None: an output without cells).
     """
 
     def __init__(self, path: Path, meta: Mapping[str, Any]):
@@ -92,6 +106,8 @@ class OutputStore:
         self.slide_mpp = float(meta["slide_mpp"])
         self.ngff: str = meta["ngff"]
         self.fingerprint: str = meta["fingerprint"]
+        cells = meta.get("cells")
+        self.cells_info: dict[str, Any] | None = dict(cells) if isinstance(cells, Mapping) else None
         self._arrays: dict[str, Any] = {}
         self._fd: int | None = None
         self._pid: int | None = None
@@ -130,6 +146,11 @@ class OutputStore:
     def csv_path(self) -> Path:
         """The tile table exported by :meth:`finalize`."""
         return self.path / TILES_CSV
+
+    @property
+    def has_cells(self) -> bool:
+        """Whether the output was created with cells (``labels/cells``, ``tables/cells``)."""
+        return self.cells_info is not None
 
     def _array(self, name: str):
         import zarr
@@ -253,6 +274,41 @@ class OutputStore:
             array[y0:y1, :] = (mask[rows][:, cols] != 0).astype(np.uint8)
         logger.debug("wrote tissue label %s from mask %s", self.shape, mask.shape)
 
+    # -- cells
+
+    def write_cells(self, rows: CellRows) -> int:
+        """Write one tile's cells: its chunk of ``labels/cells``, then its rows file.
+
+        Parameters
+        ----------
+        rows : CellRows
+            The tile's cells (``rows.tile`` its index, ``rows.origin`` its core's top-left pixel,
+            a chunk origin), with their masks. No cells: an empty chunk and an empty rows file.
+
+        Returns
+        -------
+        int : the number of cells written.
+
+        Call it after :meth:`write_tile` and before :meth:`record_tile` of the same tile: a rows
+        file counts only once the tile's record says it is finished, and the last write of a
+        tile wins (see :mod:`wsi_hipe.omezarr._tables`). Several processes may write distinct
+        tiles at once.
+        """
+        if not self.has_cells:
+            raise OutputError(
+                f"{self.path} was created without cells; create it with cells to write them"
+            )
+        if not isinstance(rows, CellRows):
+            raise TypeError(f"rows must be a CellRows, got {type(rows).__name__}")
+        rows.check()
+        if rows.masks is None:
+            raise ValueError("write_cells needs the cells' masks (CellRows.masks)")
+        self._check_origin(*rows.origin)
+        paint_own_chunk(self._array(f"{CELLS_LABELS}/0"), rows, self.chunk, self.shape)
+        rows.save(rows_path(self.path, rows.tile))
+        logger.debug("tile %d: wrote %d cells", rows.tile, rows.n)
+        return rows.n
+
     # -- tile table
 
     def record_tile(self, record: Mapping[str, Any]) -> None:
@@ -319,7 +375,11 @@ class OutputStore:
         if not isinstance(workers, (int, np.integer)) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         value_range = [math.inf, -math.inf]
-        for prefix, name, _dtype, method in IMAGES:
+        records = self.tile_records()
+        if self.has_cells:
+            repaint_labels(self.path, self._array(f"{CELLS_LABELS}/0"), shape=self.shape,
+                           chunk=self.chunk, records=records)  # fmt: skip
+        for prefix, name, _dtype, method in images(self.has_cells):
             group = self._group(prefix)
             stats = build_levels(
                 group, self.path / prefix, shapes, chunk=self.chunk,
@@ -330,10 +390,16 @@ class OutputStore:
             ome = image_ome(name, len(shapes), mpp=self.mpp, slide_mpp=self.slide_mpp,
                             ngff=self.ngff, method=method)  # fmt: skip
             write_ome_attrs(group, self.ngff, ome)
-        records = self.tile_records()
         write_csv(self.csv_path, records.values())
         counts = tile_counts(records.values())
+        extra: dict[str, Any] = {}
+        if self.has_cells:
+            frame = cells_frame(self.path, mpp=self.mpp, slide_mpp=self.slide_mpp, records=records)
+            info = {**(self.cells_info or {}), "mpp": self.mpp, "slide_mpp": self.slide_mpp}
+            write_table(self.path, frame, info, self.zarr_format)
+            extra["cell_count"] = int(len(frame))
         self._update_meta(
+            **extra,
             state=STATE_FINAL,
             levels=len(shapes),
             finalized=now(),
@@ -395,7 +461,30 @@ def _check_identity(
     return fingerprint, provenance
 
 
-def _resume(path: Path, layout: dict[str, Any], fingerprint: str) -> OutputStore:
+def _check_cells(path: Path, existing: Mapping[str, Any], cells: dict[str, Any] | None) -> None:
+    """A resume must keep the cells as they were: none, or the same settings."""
+    theirs = existing.get("cells")
+    if isinstance(theirs, Mapping):
+        theirs = {k: v for k, v in theirs.items() if k not in ("labels", "table", "rows")}
+    else:
+        theirs = None
+    if (theirs is None) != (cells is None):
+        had, now = ("without", "with") if theirs is None else ("with", "without")
+        raise ResumeMismatchError(
+            f"{path} was written {had} cells and cannot be resumed {now} them (the tiles done so "
+            f"far would have no cell rows); pass overwrite=True to start it afresh, or write to "
+            "another path"
+        )
+    if theirs is not None and theirs != jsonable(cells, "cells"):
+        diff = sorted(k for k in {*theirs, *cells} if theirs.get(k) != cells.get(k))
+        raise ResumeMismatchError(
+            f"{path} was made with other cell settings ({', '.join(diff)}); {_REPLACE_HINT}"
+        )
+
+
+def _resume(
+    path: Path, layout: dict[str, Any], fingerprint: str, cells: dict[str, Any] | None = None
+) -> OutputStore:
     """Reopen an existing output for ``create_output(..., resume=True)``."""
     # Compare the layout before open_output(), which marks a finalized output as being
     # written again: a refused resume must leave a finished output finished.
@@ -410,13 +499,19 @@ def _resume(path: Path, layout: dict[str, Any], fingerprint: str) -> OutputStore
             f"{path} was made with another layout ({', '.join(diff)}: "
             f"{[theirs[k] for k in diff]} there, {[layout[k] for k in diff]} now); {_REPLACE_HINT}"
         )
+    if existing:
+        _check_cells(path, existing, cells)
     store = open_output(path, fingerprint=fingerprint)
     logger.info("resuming %s (%d tiles finished)", path, len(store.finished_tiles()))
     return store
 
 
 def _lay_out(
-    path: Path, layout: dict[str, Any], fingerprint: str, provenance: dict[str, Any]
+    path: Path,
+    layout: dict[str, Any],
+    fingerprint: str,
+    provenance: dict[str, Any],
+    cells: dict[str, Any] | None = None,
 ) -> OutputStore:
     """Write a new output's groups, empty level-0 arrays, NGFF metadata and empty tile table."""
     import zarr
@@ -429,17 +524,21 @@ def _lay_out(
         "levels": 1,
         "tiles": {"table": TILES_JSONL, "csv": TILES_CSV},
     }
+    if cells is not None:
+        meta["cells"] = {"labels": CELLS_LABELS, "table": CELLS_TABLE, "rows": CELL_ROWS, **cells}
     ngff = meta["ngff"]
     root = zarr.open_group(str(path), mode="w-", zarr_format=NGFF_VERSIONS[ngff])
     root.attrs.put({META_GROUP: {**provenance, "output": meta}})
     store = OutputStore(path, meta)
-    for prefix, name, dtype, method in IMAGES:
+    for prefix, name, dtype, method in images(cells is not None):
         group = root.require_group(prefix) if prefix else root
         create_level(group, "0", store.shape, store.chunk, store.zarr_format, dtype)
         ome = image_ome(name, 1, mpp=store.mpp, slide_mpp=store.slide_mpp, ngff=ngff, method=method)
         write_ome_attrs(group, ngff, ome)
-    write_ome_attrs(root["labels"], ngff, {"labels": list(LABELS)})
+    write_ome_attrs(root["labels"], ngff, {"labels": label_names(cells is not None)})
     root.require_group(META_GROUP)
+    if cells is not None:
+        root.require_group(CELL_ROWS)
     (path / TILES_JSONL).touch()
     store._update_meta(state=STATE_WRITING)
     return store
@@ -457,6 +556,7 @@ def create_output(
     ngff: NgffVersion = "0.4",
     overwrite: bool = False,
     resume: bool = False,
+    cells: bool | Mapping[str, Any] | None = None,
 ) -> OutputStore:
     """Create a new output (or reopen a matching one with ``resume=True``).
 
@@ -487,6 +587,11 @@ def create_output(
     resume : bool
         If ``path`` holds an output made with the same fingerprint and layout, reopen it (see
         :func:`open_output`) instead of failing.
+    cells : bool or dict, optional
+        Also lay out per-cell results: ``labels/cells`` and the rows behind ``tables/cells``
+        (:mod:`wsi_hipe.omezarr._tables`). A dict (JSON-serialisable: class, ring and margin
+        widths, units, ...) is stored with them and copied into the table's ``uns``. Resuming
+        needs the same cells (none, or the same dict).
 
     Returns
     -------
@@ -497,7 +602,8 @@ def create_output(
     OutputError
         ``path`` exists and neither ``overwrite`` nor a valid ``resume`` applies.
     ResumeMismatchError
-        ``resume=True`` and the existing output was made with another fingerprint or layout.
+        ``resume=True`` and the existing output was made with another fingerprint, layout or
+        cells (e.g. resumed with cells when it was written without).
     """
     path = Path(path)
     if ngff not in NGFF_VERSIONS:
@@ -506,12 +612,20 @@ def create_output(
     mpp, slide_mpp = check_mpp(mpp, "mpp"), check_mpp(slide_mpp, "slide_mpp")
     fingerprint, provenance = _check_identity(fingerprint, provenance)
     layout = _layout(shape, chunk, mpp, slide_mpp, ngff)
+    if cells is None or cells is False:
+        cell_info = None
+    elif cells is True:
+        cell_info = {}
+    elif isinstance(cells, Mapping):
+        cell_info = jsonable(dict(cells), "cells")
+    else:
+        raise ValueError(f"cells must be a bool or a dict, got {cells!r}")
 
     if path.exists():
         if overwrite:
             _remove_output(path)
         elif resume:
-            return _resume(path, layout, fingerprint)
+            return _resume(path, layout, fingerprint, cell_info)
         else:
             raise OutputError(
                 f"{path} already exists; pass overwrite=True to replace it, resume=True to "
@@ -519,7 +633,7 @@ def create_output(
             )
     provenance.setdefault("created", now())
     path.parent.mkdir(parents=True, exist_ok=True)
-    store = _lay_out(path, layout, fingerprint, provenance)
+    store = _lay_out(path, layout, fingerprint, provenance, cell_info)
     logger.info("created %s: shape %s, chunk %s, NGFF %s", path, shape, chunk, ngff)
     return store
 
@@ -576,4 +690,5 @@ def open_output(
         # New tiles will change level 0: the pyramid is stale until finalize() runs again.
         store._update_meta(state=STATE_WRITING)
     repair_jsonl(path / TILES_JSONL)
+    remove_temporaries(path)
     return store
