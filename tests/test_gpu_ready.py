@@ -24,6 +24,7 @@ where tensors are and what crosses between host and device, not CUDA's kernels. 
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import numpy as np
@@ -37,6 +38,9 @@ from wsi_hipe import hierarchical_perturbation, pipeline
 from wsi_hipe.config import load_config
 from wsi_hipe.models import ModelMeta, SegmentationModel
 from wsi_hipe.slide import ArrayReader, open_slide
+
+# torch 2.14 marks TorchScript deprecated; the widget test saves its model as TorchScript.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 FAKE = torch.device("cpu", 1)
 aten = torch.ops.aten
@@ -350,3 +354,53 @@ def test_a_tile_task_runs_on_the_model_device(slide, cfg):
         out = run_tile(job, spec=spec, slide=slide, model=model)
     assert out.record["status"] == "done" and out.saliency.max() > 0
     assert set(model.input_devices) == {FAKE}
+
+
+# --- the napari widget: models load in the run's worker thread (issue 16) ----------------------
+
+
+@pytest.mark.napari
+def test_the_widget_never_loads_a_model_on_the_gui_thread(request, tmp_path, monkeypatch):
+    """Choosing a model file lists its classes from the sidecar; the model itself (and so a
+    first CUDA initialisation) is loaded in the run's worker thread, on ``model.device``."""
+    import json
+    import os
+
+    pytest.importorskip("napari")
+    pytest.importorskip("pytestqt")
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("napari tests need a display: xvfb-run -a env QT_QPA_PLATFORM=xcb pytest")
+    from wsi_hipe import models, synthetic
+    from wsi_hipe.napari._widget import ExplainWidget
+
+    slide_path = tmp_path / "slide.tif"
+    synthetic.write_slide(slide_path, size=(256, 256), mpp=0.5, tile_size=128, ground_truth=False)
+    model_path = tmp_path / "immune.pt"
+    torch.jit.script(BrightBlobNet()).save(str(model_path))
+    names = ["background", "immune", "other"]
+    sidecar = {"class_names": names, "activation": "softmax", "in_channels": 1, "mpp": 0.5}
+    model_path.with_suffix(".json").write_text(json.dumps(sidecar))
+
+    loads: list[tuple[bool, object]] = []
+    real_load = models.load_model
+
+    def recording_load(*args, **kwargs):
+        loads.append((threading.current_thread() is threading.main_thread(), kwargs.get("device")))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", recording_load)
+    viewer = request.getfixturevalue("make_napari_viewer")()
+    qtbot = request.getfixturevalue("qtbot")
+    viewer.open(str(slide_path), plugin="wsi-hipe")
+    overrides = {"tiling.tile_size": 64, "tiling.halo": 16, "model.device": "cpu"}
+    widget = ExplainWidget(viewer, overrides=overrides)
+    widget.set_settings(model=model_path, max_depth=2, target="immune")
+    assert list(widget._target.choices) == names
+    assert loads == []  # the GUI thread read the sidecar only
+    widget.explain_region((20.0, 20.0, 40.0, 40.0))
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert widget.last_result is not None and widget.last_result.forward_passes > 1
+    assert loads == [(False, "cpu")]  # once, in the worker thread, on the configured device
+    widget.explain_region((20.0, 20.0, 40.0, 40.0))  # the loaded model is reused
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert loads == [(False, "cpu")]

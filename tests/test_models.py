@@ -28,6 +28,7 @@ from wsi_hipe.models import (
     load_model,
     logits_to_labels,
     model_sha256,
+    read_model_meta,
     resolve_device,
     save_checkpoint,
     sidecar_path,
@@ -530,3 +531,18 @@ def test_cuda_autocast_dtype_is_decided_once_from_the_capability(
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", asked)
     out = amp(_batch(2, 64))
     assert out.dtype == torch.float32 and seen == [expected]
+
+
+def test_read_model_meta_reads_the_sidecar_without_loading(tiny_ckpt: Path, tmp_path: Path) -> None:
+    meta = read_model_meta(tiny_ckpt)
+    assert meta == load_model(tiny_ckpt, device="cpu").meta.replace(sha256=None)
+    assert read_model_meta("bundled").class_names == DEFAULT_CLASS_NAMES
+    bare = tmp_path / "bare.pt"
+    bare.write_bytes(b"not even TorchScript: only the (absent) sidecar is read")
+    assert read_model_meta(bare).class_names == DEFAULT_CLASS_NAMES
+    with pytest.raises(CheckpointError, match="not found"):
+        read_model_meta(tmp_path / "missing.safetensors")
+    lonely = tmp_path / "lonely.safetensors"
+    lonely.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="sidecar"):
+        read_model_meta(lonely)

@@ -6,6 +6,7 @@
   file, an ``nn.Module`` or any callable, as a :class:`SegmentationModel`:
   ``(B, C, H, W) float32 -> (B, K, H, W)`` float32 logits with ``.meta`` (:class:`ModelMeta`),
   ``.device`` and ``.probabilities(x)``.
+- :func:`read_model_meta` - a model file's description from its sidecar, without loading it.
 - :func:`bundled_model_path`, :func:`model_sha256`, :func:`file_sha256` - provenance (the
   project's one file hash).
 - :func:`resolve_device` - the one device resolution (``"auto"`` → CUDA when available).
@@ -35,6 +36,7 @@ from wsi_hipe.models._load import (
     bundled_model_path,
     load_model,
     model_sha256,
+    read_model_meta,
 )
 from wsi_hipe.models._precision import autocast_dtype, device_capability, exact_float32
 from wsi_hipe.models._unet import (
@@ -72,6 +74,7 @@ __all__ = [
     "logits_to_labels",
     "logits_to_probabilities",
     "model_sha256",
+    "read_model_meta",
     "read_sidecar",
     "save_checkpoint",
     "sidecar_path",

@@ -30,6 +30,7 @@ __all__ = [
     "bundled_model_path",
     "load_model",
     "model_sha256",
+    "read_model_meta",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,50 @@ def model_sha256(spec: ModelSpec | None = None) -> str | None:
             raise CheckpointError(f"model file {str(path)!r} not found; check the path")
         return file_sha256(path)
     return None
+
+
+def read_model_meta(spec: str | os.PathLike[str] | None = None) -> ModelMeta:
+    """The description of a model file (class names, activation, ...) without loading it.
+
+    Reads only the JSON sidecar, so it is cheap and touches no device: a front end can list a
+    model's classes on its GUI thread and leave the loading (and the first CUDA call) to a
+    worker thread.
+
+    Parameters
+    ----------
+    spec : None, "bundled" or path
+        As for :func:`load_model`: a ``.safetensors`` checkpoint (its sidecar must exist) or a
+        TorchScript file (sidecar optional: without one, the bundled model's convention).
+
+    Raises
+    ------
+    CheckpointError
+        The file or a required sidecar is missing or invalid.
+    """
+    if spec is None or (isinstance(spec, str) and spec == "bundled"):
+        path, source = bundled_model_path(), "bundled"
+    else:
+        path = Path(spec).expanduser()
+        if path.suffix == ".json":
+            path = path.with_suffix(".safetensors")
+        source = str(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"model file {str(path)!r} not found; pass 'bundled', a .safetensors "
+            f"checkpoint or a TorchScript file ({', '.join(TORCHSCRIPT_SUFFIXES)})"
+        )
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", *TORCHSCRIPT_SUFFIXES):
+        raise CheckpointError(
+            f"cannot tell the format of model file {str(path)!r} from its suffix {suffix!r}; "
+            f"use .safetensors (+ .json sidecar) or a TorchScript file"
+        )
+    record = read_sidecar(path, required=suffix == ".safetensors")
+    fmt = "safetensors" if suffix == ".safetensors" else "torchscript"
+    if record is None:
+        return _meta_without_sidecar({}, what=f"TorchScript file {str(path)!r}", source=source,
+                                     format=fmt)  # fmt: skip
+    return meta_from_sidecar(record, side=sidecar_path(path), source=source, format=fmt)
 
 
 def load_model(

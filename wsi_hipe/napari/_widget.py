@@ -4,6 +4,12 @@ Every run calls :func:`wsi_hipe.pipeline.explain_region` or :func:`wsi_hipe.pipe
 (nothing here re-implements a pipeline step) in a napari thread worker, with a napari progress
 bar and a Cancel button wired to the pipeline's ``should_stop`` hook. Results become layers
 placed in µm on the slide they were computed from.
+
+The GUI thread never loads a model: choosing a model file reads its class names from the
+sidecar (:func:`wsi_hipe.models.read_model_meta`), and the model is loaded, on the run's
+``model.device`` (CUDA by default where there is one), in the run's worker thread, once per
+file and device. A first CUDA load (context creation, weights upload: seconds) therefore
+never freezes the viewer.
 """
 
 from __future__ import annotations
@@ -127,7 +133,8 @@ class ExplainWidget(Container):
     ) -> None:
         self._viewer = viewer
         self._extra_overrides = dict(overrides or {})
-        self._models: dict[str, SegmentationModel] = {}
+        self._models: dict[tuple[str, str, bool], SegmentationModel] = {}
+        self._models_lock = threading.Lock()
         self._stop = threading.Event()
         self._picking = False
         self._busy = False
@@ -238,10 +245,12 @@ class ExplainWidget(Container):
         if spec == "bundled":
             names: tuple[str, ...] = BUNDLED_CLASSES
         else:
-            try:
-                names = tuple(self._load_model(spec).meta.class_names)
+            from wsi_hipe.models import read_model_meta
+
+            try:  # the sidecar only: loading the model (maybe onto a GPU) waits for a run
+                names = tuple(read_model_meta(spec).class_names)
             except Exception as exc:  # shown to the user, who picks another file
-                self._status.value = f"cannot load model: {exc}"
+                self._status.value = f"cannot read model: {exc}"
                 return
         current = self._target.value
         self._target.choices = names
@@ -341,13 +350,17 @@ class ExplainWidget(Container):
             config = config.model_copy(update={"hipe": hipe})
         return config
 
-    def _load_model(self, spec: str) -> SegmentationModel:
-        model = self._models.get(spec)
-        if model is None:
-            from wsi_hipe.models import load_model
+    def _load_model(self, spec: str, config: Config) -> SegmentationModel:
+        """The model of ``spec`` on ``config.model.device``, loaded once (called from the run's
+        worker thread, never the GUI thread)."""
+        key = (spec, config.model.device, bool(config.model.autocast))
+        with self._models_lock:
+            model = self._models.get(key)
+            if model is None:
+                from wsi_hipe.models import load_model
 
-            model = load_model(spec)
-            self._models[spec] = model
+                model = load_model(spec, device=key[1], autocast=key[2])
+                self._models[key] = model
         return model
 
     # --- target selection ----------------------------------------------------------------
@@ -544,7 +557,7 @@ def _run_explanation(
     info: dict,
     config: Config,
     spec: str,
-    load_model: Callable[[str], SegmentationModel],
+    load_model: Callable[[str, Config], SegmentationModel],
     stop: threading.Event,
     target: dict[str, Any],
     shared: dict[str, Any],
@@ -567,7 +580,7 @@ def _run_explanation(
         if reached > pbar.n:
             pbar.update(reached - pbar.n)
 
-    model = load_model(spec)
+    model = load_model(spec, config)
     slide = open_slide(
         info["path"],
         mpp=info.get("mpp_override"),
