@@ -1,4 +1,4 @@
-"""Run independent tasks (tiles) on a Dask scheduler with a bounded number in flight.
+"""Run independent tasks (tiles) on a Dask scheduler, streaming, with retries and faults survived.
 
 The pipeline hands :meth:`TaskRunner.map` a picklable function and an iterable of small task
 descriptions (a tile, a slide *path*, options); results come back to the caller, which writes
@@ -8,48 +8,107 @@ them. Heavy objects that every task needs (the model) travel once per worker thr
 Schedulers (``spec``):
 
 ========================  ==============================================================
-``"sync"``                Dask's synchronous scheduler, in the calling thread (debugging).
-``"threads"``             Dask's threaded scheduler, ``workers`` threads in this process.
-``"processes"``           Dask's multiprocessing scheduler on a pool of ``workers`` spawned
-                          processes that lives as long as the runner (model loaded once per
-                          process).
-``"local"``/``"local:N"`` A ``distributed.LocalCluster`` of N single-threaded worker
-                          processes (N = ``workers`` for ``"local"``).
-``"tcp://host:port"``     Join a running ``distributed`` scheduler.
+``"sync"``                In the calling thread, one task at a time (debugging).
+``"threads"``             A pool of ``workers`` threads in this process.
+``"processes"``           A pool of ``workers`` spawned processes that lives as long as the
+                          runner (the model is built once per process).
+``"local"``/``"local:N"`` A local ``distributed`` cluster of N worker processes (N =
+                          ``workers`` for ``"local"``): 1 thread each on the CPU; with
+                          ``gpu=True`` each worker is pinned to one GPU
+                          (:func:`gpu_worker_env`) and has :data:`GPU_WORKER_THREADS` threads.
+``"tcp://host:port"``     Join a running ``distributed`` scheduler (``dask scheduler`` /
+                          ``dask worker``).
+``"slurm"``/``"pbs"``/``"lsf"``  Workers as batch jobs through dask-jobqueue
+                          (``schedule.jobqueue``; :func:`jobqueue_cluster`, docs/cluster.md).
 ========================  ==============================================================
 
-Memory stays flat whatever the number of tasks: the local schedulers compute bounded batches
-of ``max_in_flight`` tasks with ``dask.delayed``; ``distributed`` keeps at most
-``max_in_flight`` futures alive (``as_completed`` with a sliding window). With ``gpu=True`` the
-distributed tasks ask for ``resources={"GPU": 1}`` and a LocalCluster offers one GPU per
-worker.
+Streaming, on every scheduler
+-----------------------------
+:meth:`TaskRunner.map` keeps a sliding window of at most :attr:`TaskRunner.max_in_flight`
+tasks submitted and yields each result as soon as it completes (``as_completed``), so the
+caller writes it at once: no task waits for another, memory stays bounded by the window, and a
+failing task loses only itself. A task that raises is run again up to ``retries`` more times
+(default :data:`DEFAULT_RETRIES`, i.e. at most 3 tries; for distributed schedulers Dask's own
+``retries=``); a worker process that dies (``kill -9``, out of memory) has its tasks re-run on
+the other workers by Dask itself. With ``errors="return"`` a task that failed on every try is
+yielded as a :class:`TaskError` and the rest go on; the default ``"raise"`` re-raises it.
+When the connection to a distributed scheduler is lost, :class:`SchedulerLostError` is raised:
+results already yielded are the caller's to keep (the pipeline has written them, so a rerun
+resumes).
+
+Models on workers (CPU and GPU alike)
+-------------------------------------
+A model reaches remote workers as a :class:`ShippedModel`: its weights on the CPU and its
+description (pickled once in the parent, CUDA tensors copied to host memory first, TorchScript
+as a TorchScript archive), and the device it should run on. Each worker process unpacks it
+once and moves it to its own device (:func:`worker_cache`), so a CUDA tensor never goes
+through distributed's serializers, and a parent process that only schedules need not hold a
+GPU copy. Distributed schedulers scatter it once per worker (and once per runner, whatever the
+number of :meth:`map` calls); the ``processes`` pool receives a path to a file written once,
+not the model with every task.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import itertools
 import logging
 import os
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from typing import Any
+import pickle
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from wsi_hipe.cache import ProcessCache
-from wsi_hipe.config import check_scheduler
+from wsi_hipe.config import JOBQUEUE_SCHEDULERS, JobqueueConfig, check_scheduler
+from wsi_hipe.errors import ConfigError, WsiHipeError
 
 __all__ = [
     "TaskRunner",
+    "Runner",
+    "TaskError",
+    "SchedulerLostError",
+    "WorkerValue",
+    "ShippedModel",
+    "ship_model",
     "parse_scheduler",
     "worker_cache",
     "clear_worker_cache",
     "torch_threads",
+    "visible_gpus",
+    "gpu_worker_env",
+    "local_worker_specs",
+    "jobqueue_cluster",
+    "job_script",
     "DEFAULT_TORCH_THREADS",
+    "DEFAULT_RETRIES",
+    "GPU_WORKER_THREADS",
 ]
 
 #: torch intra-op threads per worker unless configured. CPU float reductions (matrix-vector
 #: products, convolutions) may round differently with another thread count, so every scheduler
 #: uses the same default: that is what makes outputs bit-identical across schedulers.
 DEFAULT_TORCH_THREADS = 1
+
+#: Extra tries of a task that raised (``schedule.retries``): at most 3 tries in all. A tile
+#: that fails on every try is recorded as failed and retried by the next run.
+DEFAULT_RETRIES = 2
+
+#: Task threads of a GPU worker: one tile reads its pixels and sends back its result while the
+#: other keeps the GPU busy.
+GPU_WORKER_THREADS = 2
+
+#: How :meth:`TaskRunner.map` treats a task that failed on every try.
+OnError = Literal["raise", "return"]
+
+#: The command each batch system's scheduler uses to submit jobs (checked on the PATH).
+_SUBMIT_COMMANDS = {"slurm": "sbatch", "pbs": "qsub", "lsf": "bsub"}
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +117,32 @@ _THREADS_SET: list[int] = []
 #: What tasks load once per worker process (the model, keyed by its path and hash; a slide,
 #: keyed by its path and options). Evicted values are closed (a slide's file handle).
 _WORKER_CACHE: ProcessCache[Any] = ProcessCache("worker", maxsize=8, close_evicted=True)
+
+
+class SchedulerLostError(WsiHipeError, ConnectionError):
+    """The connection to the Dask scheduler was lost mid-run (the scheduler died or the network
+    went). Results returned before it are kept; rerunning against a live scheduler resumes."""
+
+
+@dataclass(frozen=True)
+class TaskError:
+    """A task that raised on every try (:meth:`TaskRunner.map` with ``errors="return"``).
+
+    Attributes
+    ----------
+    error : str
+        ``"ExceptionType: message"`` of the last try.
+    attempts : int
+        Tries made (1 + retries), or fewer when Dask gave up on a task whose workers kept
+        dying (``KilledWorker``).
+    """
+
+    error: str
+    attempts: int
+
+    @classmethod
+    def of(cls, exc: BaseException, attempts: int) -> TaskError:
+        return cls(f"{type(exc).__name__}: {exc}", attempts)
 
 
 def worker_cache(key: Hashable, factory: Callable[[], Any]) -> Any:
@@ -77,6 +162,138 @@ def clear_worker_cache() -> None:
     _WORKER_CACHE.clear()
 
 
+# --- values built once per worker -------------------------------------------------------------
+
+
+class WorkerValue:
+    """A ``shared=`` value that each worker process builds once from a small picklable recipe.
+
+    Subclasses define :attr:`key` (identifies the value across tasks, processes and
+    :meth:`TaskRunner.map` calls) and :meth:`build`. Tasks receive ``build()``'s result,
+    cached with :func:`worker_cache`.
+    """
+
+    @property
+    def key(self) -> Hashable:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get(self) -> Any:
+        """The built value of this process (built on first use)."""
+        return worker_cache(("worker-value", self.key), self.build)
+
+
+@dataclass(frozen=True, eq=False)
+class ShippedModel(WorkerValue):
+    """A model as it travels to workers: CPU weights and description, plus its device.
+
+    Made by :func:`ship_model`. ``data`` is the model pickled with every tensor on the CPU
+    (TorchScript modules as TorchScript archives); ``device`` is where each worker runs it
+    (``"auto"`` picks CUDA where the worker has it); ``digest`` (SHA-256 of ``data``) names it
+    in the workers' caches.
+    """
+
+    data: bytes
+    device: str
+    digest: str
+
+    @property
+    def key(self) -> Hashable:
+        return ("model", self.digest, self.device)
+
+    def build(self) -> Any:
+        """Unpickle on the CPU, then move to :attr:`device` (resolved in this worker)."""
+        model = pickle.loads(self.data)
+        to = getattr(model, "to", None)
+        if callable(to):
+            from wsi_hipe.models import resolve_device
+
+            model = to(resolve_device(self.device))
+        logger.debug("built shipped model %s on %s", self.digest[:12], self.device)
+        return model
+
+    def __repr__(self) -> str:
+        return f"ShippedModel({self.digest[:12]}…, {len(self.data)} bytes, device={self.device!r})"
+
+
+def ship_model(model: Any, *, device: str | None = None) -> ShippedModel:
+    """Pack ``model`` (a ``SegmentationModel``, an ``nn.Module`` or any picklable callable) for
+    workers: CPU weights + description, and the device it should run on there.
+
+    Parameters
+    ----------
+    model : object
+        Left untouched: tensors on a GPU are copied to host memory as they are pickled.
+    device : str, optional
+        Where workers run it (a :data:`wsi_hipe.config.DeviceName` or ``cuda:N``); default the
+        model's ``device`` attribute, else ``"cpu"``.
+    """
+    data = _pack(model)
+    if device is None:
+        device = str(getattr(model, "device", None) or "cpu")
+    return ShippedModel(data, str(device), hashlib.sha256(data).hexdigest())
+
+
+def _pack(obj: Any) -> bytes:
+    """Pickle ``obj`` with every tensor on the CPU and TorchScript modules as archives."""
+    import cloudpickle
+    import torch
+
+    class _CpuPickler(cloudpickle.CloudPickler):
+        def reducer_override(self, o: Any) -> Any:
+            if isinstance(o, torch.jit.ScriptModule):
+                buffer = io.BytesIO()
+                torch.jit.save(o, buffer)
+                return _load_script, (buffer.getvalue(),)
+            if isinstance(o, torch.nn.Parameter) and o.device.type != "cpu":
+                return _parameter, (o.detach().cpu(), o.requires_grad)
+            if isinstance(o, torch.Tensor) and o.device.type != "cpu":
+                return _same, (o.detach().cpu(),)
+            return super().reducer_override(o)
+
+    buffer = io.BytesIO()
+    _CpuPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def _load_script(data: bytes) -> Any:
+    import torch
+
+    return torch.jit.load(io.BytesIO(data), map_location="cpu")
+
+
+def _parameter(data: Any, requires_grad: bool) -> Any:
+    import torch
+
+    return torch.nn.Parameter(data, requires_grad=requires_grad)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class _Spilled(WorkerValue):
+    """A :class:`WorkerValue` written once to a file; what a process pool's tasks carry."""
+
+    path: str
+    value_key: Hashable
+
+    @property
+    def key(self) -> Hashable:
+        return self.value_key
+
+    def build(self) -> Any:
+        with open(self.path, "rb") as handle:
+            value: WorkerValue = pickle.load(handle)
+        return value.build()
+
+
+# --- scheduler specs --------------------------------------------------------------------------
+
+
 def parse_scheduler(spec: str, workers: int = 1) -> tuple[str, int, str | None]:
     """Normalise a scheduler spec.
 
@@ -84,16 +301,18 @@ def parse_scheduler(spec: str, workers: int = 1) -> tuple[str, int, str | None]:
     ----------
     spec : str
         A :data:`wsi_hipe.config.SchedulerName` (``"sync"``, ``"threads"``, ``"processes"``,
-        ``"local"``), ``"local:N"`` or ``"tcp://host:port"`` (:func:`wsi_hipe.config.check_scheduler`).
+        ``"local"``, ``"slurm"``, ``"pbs"``, ``"lsf"``), ``"local:N"`` or ``"tcp://host:port"``
+        (:func:`wsi_hipe.config.check_scheduler`).
     workers : int
         Worker count for specs that do not carry one.
 
     Returns
     -------
-    kind : {"sync", "threads", "processes", "local", "tcp"}
+    kind : {"sync", "threads", "processes", "local", "tcp", "slurm", "pbs", "lsf"}
     workers : int
-        1 for ``sync``; N for ``local:N``; ``workers`` otherwise (for ``tcp``, the number used
-        to size the in-flight window until the cluster reports its own).
+        1 for ``sync``; N for ``local:N``; ``workers`` otherwise (for ``tcp`` and the batch
+        systems, the number used to size the in-flight window until the cluster reports its
+        own).
     address : str or None
         The scheduler address for ``tcp``.
     """
@@ -109,6 +328,135 @@ def parse_scheduler(spec: str, workers: int = 1) -> tuple[str, int, str | None]:
     if kind == "sync":
         return "sync", 1, None
     return kind, int(count) if count else workers, None
+
+
+# --- GPU pinning (pure functions: tested without a GPU) ----------------------------------------
+
+
+def visible_gpus(
+    environ: Mapping[str, str] | None = None, device_count: int | None = None
+) -> list[str]:
+    """The GPUs this process may hand to workers, as ``CUDA_VISIBLE_DEVICES`` entries.
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        Default ``os.environ``. A set ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs, comma
+        separated) is the list; an empty one means no GPU.
+    device_count : int, optional
+        GPUs when ``CUDA_VISIBLE_DEVICES`` is unset; default ``torch.cuda.device_count()``.
+    """
+    environ = os.environ if environ is None else environ
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [entry.strip() for entry in listed.split(",") if entry.strip()]
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count()
+    return [str(i) for i in range(device_count)]
+
+
+def gpu_worker_env(index: int, gpus: Sequence[str]) -> dict[str, str]:
+    """The environment that pins GPU worker ``index`` to one GPU of ``gpus``.
+
+    Worker ``i`` sees only ``gpus[i % len(gpus)]`` (as its ``cuda:0``): round robin, so
+    workers share GPUs only when there are more workers than GPUs.
+
+    Raises
+    ------
+    ValueError
+        ``gpus`` is empty or ``index`` negative.
+    """
+    if not gpus:
+        raise ValueError("no GPU to pin a worker to (CUDA_VISIBLE_DEVICES is empty or no GPU)")
+    if index < 0:
+        raise ValueError(f"worker index must be >= 0, got {index}")
+    return {"CUDA_VISIBLE_DEVICES": str(gpus[index % len(gpus)])}
+
+
+def local_worker_specs(
+    n: int, *, gpu: bool = False, gpus: Sequence[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Worker specs of the local cluster (``distributed.SpecCluster``): one per worker.
+
+    CPU workers have 1 task thread. GPU workers have :data:`GPU_WORKER_THREADS` threads, offer
+    as many ``GPU`` resource slots (tasks ask for one) and are pinned to one GPU each
+    (:func:`gpu_worker_env`; ``gpus`` default :func:`visible_gpus`).
+    """
+    from distributed import Nanny
+
+    if gpu:
+        gpus = visible_gpus() if gpus is None else list(gpus)
+        if len(gpus) < n:
+            logger.warning(
+                "%d GPU worker(s) on %d GPU(s): some workers share a GPU", n, max(len(gpus), 0)
+            )
+    specs = {}
+    for i in range(n):
+        options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1", "dashboard": False}
+        if gpu:
+            options.update(
+                nthreads=GPU_WORKER_THREADS,
+                resources={"GPU": GPU_WORKER_THREADS},
+                env=gpu_worker_env(i, gpus or []),
+            )
+        specs[f"wsi-hipe-{i}"] = {"cls": Nanny, "options": options}
+    return specs
+
+
+# --- batch systems (dask-jobqueue) ------------------------------------------------------------
+
+
+def _jobqueue_class(kind: str):
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ConfigError(
+            f"scheduler {kind!r} needs dask-jobqueue: pip install 'wsi-hipe[cluster]' "
+            "(see docs/cluster.md)"
+        ) from None
+    return {
+        "slurm": dask_jobqueue.SLURMCluster,
+        "pbs": dask_jobqueue.PBSCluster,
+        "lsf": dask_jobqueue.LSFCluster,
+    }[kind]
+
+
+def jobqueue_cluster(kind: str, config: JobqueueConfig | None = None, *, gpu: bool = False):
+    """A dask-jobqueue cluster (``SLURMCluster``, ``PBSCluster``, ``LSFCluster``), not scaled.
+
+    Parameters
+    ----------
+    kind : {"slurm", "pbs", "lsf"}
+    config : JobqueueConfig, optional
+        ``schedule.jobqueue``: cores, memory, walltime, queue, account, job directives (GPUs:
+        e.g. ``--gres=gpu:1``), prologue. Default all defaults.
+    gpu : bool
+        Workers offer ``GPU`` resource slots (tasks that run on a GPU ask for one).
+
+    Starting the cluster starts its scheduler in this process; jobs are submitted only when
+    it is scaled (:class:`TaskRunner` does that: ``adapt`` between ``minimum_jobs`` and
+    ``maximum_jobs``).
+    """
+    if kind not in JOBQUEUE_SCHEDULERS:
+        raise ValueError(f"kind must be one of {list(JOBQUEUE_SCHEDULERS)}, got {kind!r}")
+    cfg = config or JobqueueConfig()
+    cls = _jobqueue_class(kind)
+    return cls(**cfg.cluster_kwargs(gpu=gpu, threads=GPU_WORKER_THREADS if gpu else None))
+
+
+def job_script(kind: str, config: JobqueueConfig | None = None, *, gpu: bool = False) -> str:
+    """The job script the batch system would get for each worker job (dask-jobqueue's
+    ``job_script()``); nothing is submitted, and ``sbatch`` need not exist."""
+    cluster = jobqueue_cluster(kind, config, gpu=gpu)
+    try:
+        return cluster.job_script()
+    finally:
+        cluster.close()
+
+
+# --- torch threads ----------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -142,14 +490,37 @@ def _set_torch_threads(threads: int | None) -> None:
 
 
 def _call(fn: Callable[..., Any], item: Any, shared: Mapping[str, Any], threads: int | None):
-    """The task body run by every scheduler: fix torch threads, then call ``fn``."""
+    """The task body run by every scheduler: fix torch threads, build the worker values, call."""
     _set_torch_threads(threads)
-    return fn(item, **shared)
+    kwargs = {k: v.get() if isinstance(v, WorkerValue) else v for k, v in shared.items()}
+    return fn(item, **kwargs)
 
 
 def _process_initializer(threads: int | None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads or 1))
     _set_torch_threads(threads)
+
+
+# --- the runner -------------------------------------------------------------------------------
+
+
+class Runner(Protocol):
+    """What the pipeline needs of a runner: :class:`TaskRunner`, or a view of one that the
+    batch gives each slide (so that one cluster runs several slides' tiles at once)."""
+
+    @property
+    def remote(self) -> bool: ...
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        *,
+        shared: Mapping[str, Any] | None = None,
+        errors: OnError = "raise",
+    ) -> Iterator[tuple[Any, Any]]: ...
+
+    def close(self) -> None: ...
 
 
 class TaskRunner:
@@ -160,9 +531,12 @@ class TaskRunner:
     spec : str
         See the module docstring.
     workers : int
-        Worker threads/processes (ignored by ``sync``; ``local:N`` wins).
+        Worker threads/processes (ignored by ``sync``; ``local:N`` wins); for the batch
+        systems, the in-flight window until workers have joined.
     max_in_flight : int, optional
-        Tasks submitted and not yet returned; default 2 × workers.
+        Tasks submitted and not yet returned, per :meth:`map` call; default 2 × the worker
+        threads (for distributed schedulers: of the workers connected when a task is
+        submitted, so the window grows as an adaptive cluster scales up).
     threads_per_worker : int, optional
         torch intra-op threads per worker (for ``sync`` and ``threads``: of this process while
         the runner is open; restored by :meth:`close`). Default
@@ -170,8 +544,12 @@ class TaskRunner:
         bit-identical results; more threads can be faster with ``sync`` on a many-core CPU
         but may change the last bits of the saliency.
     gpu : bool
-        Distributed tasks request ``resources={"GPU": 1}`` (a LocalCluster advertises one GPU
-        per worker).
+        Tasks run on GPUs: distributed tasks request ``resources={"GPU": 1}``; a local
+        cluster pins each worker to one GPU and gives it :data:`GPU_WORKER_THREADS` threads.
+    retries : int
+        Extra tries of a task that raised (default :data:`DEFAULT_RETRIES`).
+    jobqueue : JobqueueConfig or mapping, optional
+        ``schedule.jobqueue`` for ``slurm``/``pbs``/``lsf``.
 
     Use as a context manager (``with TaskRunner("local:2") as runner: ...``) so that pools and
     clusters are shut down.
@@ -185,6 +563,8 @@ class TaskRunner:
         max_in_flight: int | None = None,
         threads_per_worker: int | None = None,
         gpu: bool = False,
+        retries: int = DEFAULT_RETRIES,
+        jobqueue: JobqueueConfig | Mapping[str, Any] | None = None,
     ) -> None:
         self.kind, self.workers, self.address = parse_scheduler(spec, workers)
         self.spec = spec
@@ -198,25 +578,61 @@ class TaskRunner:
             raise ValueError(
                 f"threads_per_worker must be a positive integer, got {threads_per_worker!r}"
             )
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
         self.threads_per_worker = threads_per_worker
+        self.retries = retries
+        if jobqueue is not None and not isinstance(jobqueue, JobqueueConfig):
+            jobqueue = JobqueueConfig(**dict(jobqueue))
+        self.jobqueue = jobqueue
         self._pool: Any = None
         self._client: Any = None
         self._cluster: Any = None
         self._saved_threads: int | None = None
+        self._spill_dir: str | None = None
+        self._spilled: dict[Hashable, _Spilled] = {}
+        self._scattered: dict[Hashable, Any] = {}
+        self._slots_seen: tuple[float, int] = (0.0, 0)
         self._started = False
 
     # -- life cycle ---------------------------------------------------------------------
 
     @property
     def max_in_flight(self) -> int:
-        """Tasks allowed in flight (default 2 × workers)."""
-        return self._max_in_flight or 2 * self.workers
+        """Tasks allowed in flight per :meth:`map` (default 2 × worker threads)."""
+        return self._max_in_flight or 2 * self._slots()
+
+    @property
+    def distributed(self) -> bool:
+        """Tasks go through a ``distributed`` scheduler (``local``, ``tcp``, batch systems)."""
+        return self.kind in ("local", "tcp", *JOBQUEUE_SCHEDULERS)
 
     @property
     def remote(self) -> bool:
-        """Tasks run in other processes (``processes``, ``local``, ``tcp``): what they need must
-        pickle, and a model is best loaded there from its file (:func:`worker_cache`)."""
-        return self.kind in ("processes", "local", "tcp")
+        """Tasks run in other processes (``processes``, ``local``, ``tcp``, batch systems):
+        what they need must pickle, and a model travels as a :class:`ShippedModel`."""
+        return self.kind == "processes" or self.distributed
+
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` of a started distributed runner (else None)."""
+        return self._client
+
+    def _slots(self) -> int:
+        """Task threads to fill: worker threads of the cluster (refreshed every 2 s)."""
+        per_worker = GPU_WORKER_THREADS if (self.gpu and self.kind == "local") else 1
+        configured = self.workers * per_worker
+        if self._client is None or self.kind == "local":
+            return configured
+        now = time.monotonic()
+        seen_at, seen = self._slots_seen
+        if now - seen_at > 2.0:
+            try:
+                seen = sum(self._client.nthreads().values())
+            except Exception:  # the scheduler is gone: map() reports it
+                seen = 0
+            self._slots_seen = (now, seen)
+        return max(configured, seen)
 
     def start(self) -> TaskRunner:
         """Start pools or the cluster (done lazily by :meth:`map` otherwise)."""
@@ -232,57 +648,119 @@ class TaskRunner:
 
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="wsi-hipe")
         elif self.kind == "processes":
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            self._pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_process_initializer,
-                initargs=(self.threads_per_worker,),
-            )
+            self._pool = self._process_pool()
         elif self.kind == "local":
-            from distributed import Client, LocalCluster
-
-            self._cluster = LocalCluster(
-                n_workers=self.workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                resources={"GPU": 1} if self.gpu else None,
-            )
-            self._client = Client(self._cluster)
-            logger.info("started a LocalCluster of %d workers", self.workers)
+            self._start_local()
         elif self.kind == "tcp":
-            from distributed import Client
-
-            self._client = Client(self.address)
-            workers = self._client.scheduler_info().get("workers", {})
-            n = len(workers)
-            if n:
-                self.workers = n
-            if self.gpu and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
-                logger.warning(
-                    "no worker of %s offers a 'GPU' resource (start them with "
-                    "--resources GPU=1); tasks are submitted without resource restrictions",
-                    self.address,
-                )
-                self.gpu = False
-            logger.info("joined the Dask cluster at %s (%d workers)", self.address, n)
+            self._join(self.address)
+        elif self.kind in JOBQUEUE_SCHEDULERS:
+            self._start_jobqueue()
         self._started = True
         return self
 
+    def _process_pool(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_process_initializer,
+            initargs=(self.threads_per_worker,),
+        )
+
+    def _start_local(self) -> None:
+        from distributed import Client, Scheduler, SpecCluster
+
+        self._cluster = SpecCluster(
+            workers=local_worker_specs(self.workers, gpu=self.gpu),
+            scheduler={
+                "cls": Scheduler,
+                "options": {"host": "127.0.0.1", "dashboard_address": None},
+            },
+            silence_logs=logging.ERROR,
+            name="wsi-hipe",
+        )
+        self._client = Client(self._cluster)
+        self._client.wait_for_workers(self.workers, timeout=120)
+        logger.info(
+            "started a local cluster of %d %s worker(s)", self.workers, "GPU" if self.gpu else "CPU"
+        )
+
+    def _join(self, address: str) -> None:
+        from distributed import Client
+
+        try:
+            self._client = Client(address, timeout=30)
+        except OSError as exc:
+            raise SchedulerLostError(
+                f"cannot reach the Dask scheduler at {address} ({exc}); start one "
+                "('dask scheduler') or check the address"
+            ) from None
+        workers = self._client.scheduler_info().get("workers", {})
+        n = len(workers)
+        if n:
+            self.workers = n
+        if self.gpu and not any(w.get("resources", {}).get("GPU") for w in workers.values()):
+            logger.warning(
+                "no worker of %s offers a 'GPU' resource (start them with "
+                "--nthreads %d --resources GPU=%d); tasks are submitted without resource "
+                "restrictions",
+                address,
+                GPU_WORKER_THREADS,
+                GPU_WORKER_THREADS,
+            )
+            self.gpu = False
+        logger.info("joined the Dask cluster at %s (%d workers)", address, n)
+
+    def _start_jobqueue(self) -> None:
+        from distributed import Client
+
+        command = _SUBMIT_COMMANDS[self.kind]
+        if shutil.which(command) is None:
+            raise ConfigError(
+                f"scheduler {self.kind!r} submits Dask workers as batch jobs with {command!r}, "
+                f"which is not on the PATH: run on a login node of the cluster, or see "
+                "docs/cluster.md"
+            )
+        cfg = self.jobqueue or JobqueueConfig()
+        self._cluster = jobqueue_cluster(self.kind, cfg, gpu=self.gpu)
+        self._cluster.adapt(minimum_jobs=cfg.minimum_jobs, maximum_jobs=cfg.maximum_jobs)
+        self._client = Client(self._cluster)
+        self.workers = max(1, cfg.maximum_jobs * cfg.processes)
+        logger.info(
+            "started a %s cluster (%d to %d jobs); dashboard %s",
+            self.kind,
+            cfg.minimum_jobs,
+            cfg.maximum_jobs,
+            getattr(self._cluster, "dashboard_link", "-"),
+        )
+
     def close(self) -> None:
         """Shut down what :meth:`start` started (an external cluster is only disconnected)."""
+        for value in self._scattered.values():
+            with contextlib.suppress(Exception):
+                value.release()
+        self._scattered.clear()
         if self._client is not None:
-            self._client.close()
+            try:
+                self._client.close(timeout=10)
+            except Exception:  # a lost scheduler: nothing left to close
+                logger.debug("closing the Dask client failed", exc_info=True)
             self._client = None
         if self._cluster is not None:
-            self._cluster.close()
+            try:
+                self._cluster.close(timeout=30)
+            except Exception:
+                logger.debug("closing the Dask cluster failed", exc_info=True)
             self._cluster = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._spill_dir is not None:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir = None
+            self._spilled.clear()
         if self._saved_threads is not None:
             import torch
 
@@ -299,7 +777,7 @@ class TaskRunner:
     def __repr__(self) -> str:
         return (
             f"TaskRunner({self.spec!r}, workers={self.workers}, "
-            f"max_in_flight={self.max_in_flight}, gpu={self.gpu})"
+            f"max_in_flight={self.max_in_flight}, gpu={self.gpu}, retries={self.retries})"
         )
 
     # -- work -----------------------------------------------------------------------------
@@ -310,95 +788,209 @@ class TaskRunner:
         items: Iterable[Any],
         *,
         shared: Mapping[str, Any] | None = None,
+        errors: OnError = "raise",
     ) -> Iterator[tuple[Any, Any]]:
-        """Run ``fn(item, **shared)`` for every item; yield ``(item, result)`` as they finish.
+        """Run ``fn(item, **shared)`` for every item; yield ``(item, result)`` as each finishes.
 
         Parameters
         ----------
         fn : callable
-            A module-level (picklable) function. Exceptions it raises propagate to the
-            caller (after outstanding tasks are cancelled); a task that may fail for a single
-            item should return its failure instead.
+            A module-level (picklable) function.
         items : iterable
             Small, picklable task descriptions; consumed lazily, so at most
             :attr:`max_in_flight` are outstanding at any time.
         shared : mapping, optional
-            Keyword arguments common to every task (e.g. the model). Sent once per worker for
-            ``distributed`` (scattered with ``broadcast=True``); process pools pickle them with
-            each batch, so prefer small references (a model path) there.
+            Keyword arguments common to every task. A :class:`WorkerValue` (e.g. a
+            :class:`ShippedModel`) is built once per worker process and its result passed;
+            distributed schedulers scatter it once per worker and runner, the process pool
+            reads it from a file written once. Other values travel with each task (process
+            pool) or once per :meth:`map` call (distributed): keep them small.
+        errors : {"raise", "return"}
+            A task that raised on every try (1 + ``retries``): ``"raise"`` re-raises its
+            exception (after outstanding tasks are cancelled); ``"return"`` yields
+            ``(item, TaskError)`` and goes on.
 
         Yields
         ------
         (item, result)
-            In completion order for ``distributed``, in submission order otherwise.
+            In completion order (``sync``: in order).
+
+        Raises
+        ------
+        SchedulerLostError
+            The distributed scheduler went away; results yielded so far stand.
         """
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         self.start()
         shared = dict(shared or {})
-        if self.kind in ("local", "tcp"):
-            yield from self._map_distributed(fn, items, shared)
+        if self.distributed:
+            yield from self._map_distributed(fn, items, shared, errors)
+        elif self.kind == "sync":
+            yield from self._map_sync(fn, items, shared, errors)
         else:
-            yield from self._map_local(fn, items, shared)
+            yield from self._map_pool(fn, items, shared, errors)
 
-    def _map_local(self, fn, items, shared) -> Iterator[tuple[Any, Any]]:
-        import dask
+    def _failed(self, item: Any, exc: BaseException, attempts: int, errors: OnError):
+        if errors == "raise":
+            raise exc
+        logger.warning("task %r failed after %d tries: %s", item, attempts, exc)
+        return item, TaskError.of(exc, attempts)
 
+    def _map_sync(self, fn, items, shared, errors) -> Iterator[tuple[Any, Any]]:
+        for item in items:
+            for attempt in range(1, self.retries + 2):
+                try:
+                    result = _call(fn, item, shared, None)
+                except Exception as exc:
+                    if attempt <= self.retries:
+                        logger.info("task %r failed (try %d), retrying: %s", item, attempt, exc)
+                        continue
+                    yield self._failed(item, exc, attempt, errors)
+                else:
+                    yield item, result
+                break
+
+    def _spill(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """Worker values written once to files, so a process pool's tasks carry only paths."""
+        out = {}
+        for name, value in shared.items():
+            if not isinstance(value, WorkerValue):
+                out[name] = value
+                continue
+            if value.key not in self._spilled:
+                if self._spill_dir is None:
+                    self._spill_dir = tempfile.mkdtemp(prefix="wsi-hipe-shared-")
+                path = Path(self._spill_dir) / f"{len(self._spilled)}.pickle"
+                with open(path, "wb") as handle:
+                    pickle.dump(value, handle, protocol=pickle.HIGHEST_PROTOCOL)
+                self._spilled[value.key] = _Spilled(str(path), value.key)
+            out[name] = self._spilled[value.key]
+        return out
+
+    def _map_pool(self, fn, items, shared, errors) -> Iterator[tuple[Any, Any]]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        threads = None
+        if self.kind == "processes":
+            threads = self.threads_per_worker
+            shared = self._spill(shared)
         iterator = iter(items)
-        threads = self.threads_per_worker if self.kind == "processes" else None
-        while True:
-            batch = list(itertools.islice(iterator, self.max_in_flight))
-            if not batch:
-                return
-            tasks = [dask.delayed(_call, pure=False)(fn, item, shared, threads) for item in batch]
-            if self.kind == "sync":
-                results = dask.compute(*tasks, scheduler="sync")
-            else:
-                results = dask.compute(
-                    *tasks,
-                    scheduler="threads" if self.kind == "threads" else "processes",
-                    pool=self._pool,
-                    num_workers=self.workers,
-                )
-            yield from zip(batch, results, strict=True)
+        pending: dict[Any, tuple[int, Any, int, Any]] = {}  # future -> (seq, item, tries, pool)
+        counter = itertools.count()
 
-    def _map_distributed(self, fn, items, shared) -> Iterator[tuple[Any, Any]]:
+        def submit(item: Any, tries: int) -> None:
+            fut = self._pool.submit(_call, fn, item, shared, threads)
+            pending[fut] = (next(counter), item, tries, self._pool)
+
+        def fill() -> None:
+            while len(pending) < self.max_in_flight:
+                item = next(iterator, _END)
+                if item is _END:
+                    return
+                submit(item, 1)
+
+        try:
+            fill()
+            while pending:
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: pending[f][0]):
+                    _, item, tries, pool = pending.pop(fut)
+                    exc = fut.exception()
+                    if isinstance(exc, BrokenProcessPool) and pool is self._pool:
+                        # A worker process died: the pool is unusable. Start a new one; its
+                        # tasks run again there (each loss counts as a try).
+                        logger.warning("a worker process died; restarting the process pool")
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        self._pool = self._process_pool()
+                    if exc is None:
+                        yield item, fut.result()
+                    elif tries <= self.retries:
+                        logger.info("task %r failed (try %d), retrying: %s", item, tries, exc)
+                        submit(item, tries + 1)
+                    else:
+                        yield self._failed(item, exc, tries, errors)
+                fill()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    def _scatter(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """Worker values scattered once per runner (every worker gets a copy); the rest as is."""
+        client = self._client
+        out = {}
+        for name, value in shared.items():
+            if isinstance(value, WorkerValue):
+                if value.key not in self._scattered:
+                    self._scattered[value.key] = client.scatter(value, broadcast=True, hash=False)
+                out[name] = self._scattered[value.key]
+            else:
+                out[name] = value
+        return out
+
+    def _map_distributed(self, fn, items, shared, errors) -> Iterator[tuple[Any, Any]]:
         from distributed import as_completed
 
         client = self._client
-        scattered = {}
-        for name, value in shared.items():
-            scattered[name] = client.scatter(value, broadcast=True, hash=False)
-        submit_kw: dict[str, Any] = {"pure": False}
+        try:
+            shared = self._scatter(shared)
+        except (OSError, TimeoutError) as exc:
+            raise self._lost(exc) from None
+        submit_kw: dict[str, Any] = {"pure": False, "retries": self.retries}
         if self.gpu:
             submit_kw["resources"] = {"GPU": 1}
         iterator = iter(items)
-        pending: dict[Any, Any] = {}
+        pending: dict[str, tuple[Any, Any]] = {}
         queue = as_completed()
 
-        def submit_next() -> bool:
-            try:
-                item = next(iterator)
-            except StopIteration:
-                return False
-            fut = client.submit(_call, fn, item, scattered, self.threads_per_worker, **submit_kw)
-            pending[fut.key] = (item, fut)
-            queue.add(fut)
-            return True
+        def fill() -> None:
+            while len(pending) < self.max_in_flight:
+                item = next(iterator, _END)
+                if item is _END:
+                    return
+                try:
+                    fut = client.submit(
+                        _call, fn, item, shared, self.threads_per_worker, **submit_kw
+                    )
+                except Exception as exc:
+                    if client.status != "running":
+                        raise self._lost(exc) from None
+                    raise
+                pending[fut.key] = (item, fut)
+                queue.add(fut)
 
         try:
-            for _ in range(self.max_in_flight):
-                if not submit_next():
-                    break
+            fill()
             for fut in queue:
                 item, _ = pending.pop(fut.key)
-                result = fut.result()
-                fut.release()
-                yield item, result
-                submit_next()
+                if fut.status == "finished":
+                    result = fut.result()
+                    fut.release()
+                    yield item, result
+                elif fut.status == "cancelled" or client.status != "running":
+                    raise self._lost(None)
+                else:
+                    exc = fut.exception()
+                    fut.release()
+                    # Dask re-ran it `retries` times; a KilledWorker means its workers kept dying.
+                    yield self._failed(item, exc, 1 + self.retries, errors)
+                fill()
+            if pending:  # as_completed ended early: the scheduler went away
+                raise self._lost(None)
         finally:
-            if pending:
-                client.cancel([f for _, f in pending.values()])
-            for value in scattered.values():
-                try:
-                    value.release()
-                except Exception:
-                    logger.debug("releasing a scattered object failed", exc_info=True)
+            if pending and client.status == "running":
+                with contextlib.suppress(Exception):
+                    client.cancel([f for _, f in pending.values()])
+
+    def _lost(self, exc: BaseException | None) -> SchedulerLostError:
+        where = self.address or getattr(self._cluster, "scheduler_address", None) or self.spec
+        detail = f" ({exc})" if exc is not None else ""
+        return SchedulerLostError(
+            f"lost the Dask scheduler at {where}{detail}; the tiles finished before it are "
+            "written and kept: start a scheduler and workers again and rerun the same call "
+            "to resume"
+        )
+
+
+_END = object()

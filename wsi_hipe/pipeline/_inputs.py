@@ -11,14 +11,24 @@ from typing import TYPE_CHECKING, Any
 from wsi_hipe.config import Config
 from wsi_hipe.errors import ConfigError, SlideNotFoundError
 from wsi_hipe.pipeline._types import ModelLike, SchedulerLike, SlideLike
-from wsi_hipe.schedule import TaskRunner
+from wsi_hipe.schedule import TaskRunner, ship_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_hipe.models import SegmentationModel
+    from wsi_hipe.schedule import Runner
     from wsi_hipe.slide import Slide
     from wsi_hipe.tissue import TissueMask
 
-__all__ = ["as_slide", "load_for", "check_model_for", "runner_for", "detect_tissue"]
+__all__ = [
+    "as_slide",
+    "load_for",
+    "task_device",
+    "wants_gpu",
+    "tasks_model",
+    "check_model_for",
+    "runner_for",
+    "detect_tissue",
+]
 
 
 def as_slide(slide: SlideLike, cfg: Config) -> tuple[Slide, bool]:
@@ -37,8 +47,13 @@ def as_slide(slide: SlideLike, cfg: Config) -> tuple[Slide, bool]:
     return open_slide(str(path), **kwargs), True
 
 
-def load_for(model: ModelLike | None, cfg: Config) -> SegmentationModel:
-    """The model to run (default ``cfg.model.path``), loaded on ``cfg.model.device``."""
+def load_for(model: ModelLike | None, cfg: Config, *, remote: bool = False) -> SegmentationModel:
+    """The model to run (default ``cfg.model.path``), loaded on ``cfg.model.device``.
+
+    ``remote``: tasks run in other processes (:attr:`TaskRunner.remote`), which receive the
+    model as CPU weights and move it to their own device (:func:`tasks_model`); this process
+    then keeps its copy on the CPU. A loaded ``SegmentationModel`` is returned as it is.
+    """
     from wsi_hipe.models import SegmentationModel, load_model
 
     if isinstance(model, SegmentationModel):
@@ -46,7 +61,35 @@ def load_for(model: ModelLike | None, cfg: Config) -> SegmentationModel:
     spec = cfg.model.path if model is None else model
     if isinstance(spec, os.PathLike):
         spec = str(spec)
-    return load_model(spec, device=cfg.model.device, autocast=cfg.model.autocast)
+    device = "cpu" if remote else cfg.model.device
+    return load_model(spec, device=device, autocast=cfg.model.autocast)
+
+
+def task_device(model: SegmentationModel, cfg: Config) -> str:
+    """Where tasks run ``model``: its device when that is not the CPU, else ``cfg.model.device``
+    (``"auto"``: each worker's GPU where it has one)."""
+    device = getattr(model, "device", None)
+    if device is not None and str(device) != "cpu":
+        return str(device)
+    return cfg.model.device
+
+
+def wants_gpu(model: ModelLike | None, cfg: Config) -> bool:
+    """Whether tiles run on a GPU: a loaded model on CUDA, else ``cfg.model.device``."""
+    from wsi_hipe.models import SegmentationModel, resolve_device
+
+    if isinstance(model, SegmentationModel):
+        return model.device.type == "cuda"
+    return resolve_device(cfg.model.device).type == "cuda"
+
+
+def tasks_model(model: SegmentationModel, cfg: Config, runner: Runner) -> Any:
+    """The model as tasks receive it (``shared["model"]``): the object itself where tasks run
+    in this process, a :class:`~wsi_hipe.schedule.ShippedModel` (CPU weights + description,
+    moved to :func:`task_device` in each worker, once) where they run in other processes."""
+    if not runner.remote:
+        return model
+    return ship_model(model, device=task_device(model, cfg))
 
 
 def check_model_for(model: SegmentationModel, cfg: Config) -> None:
@@ -73,12 +116,15 @@ def check_model_for(model: SegmentationModel, cfg: Config) -> None:
         )
 
 
-def runner_for(
-    scheduler: SchedulerLike | None, cfg: Config, *, gpu: bool
-) -> tuple[TaskRunner, bool]:
-    """A TaskRunner from a spec (default ``cfg.schedule``) or a started one; the flag says
-    whether the caller owns (and closes) it."""
-    if isinstance(scheduler, TaskRunner):
+def runner_for(scheduler: SchedulerLike | None, cfg: Config, *, gpu: bool) -> tuple[Runner, bool]:
+    """A TaskRunner from a spec (default ``cfg.schedule``), or a given runner (anything with
+    :class:`TaskRunner`'s ``map``/``remote``); the flag says whether the caller owns (and
+    closes) it. A new runner is not started yet."""
+    if scheduler is not None and not isinstance(scheduler, str):
+        if not (hasattr(scheduler, "map") and hasattr(scheduler, "remote")):
+            raise TypeError(
+                f"scheduler must be a spec string or a TaskRunner, got {type(scheduler).__name__}"
+            )
         return scheduler, False
     sched = cfg.schedule
     spec = sched.scheduler if scheduler is None else str(scheduler)
@@ -88,6 +134,8 @@ def runner_for(
         max_in_flight=sched.max_in_flight,
         threads_per_worker=sched.threads_per_worker,
         gpu=gpu,
+        retries=sched.retries,
+        jobqueue=sched.jobqueue,
     )
     return runner, True
 

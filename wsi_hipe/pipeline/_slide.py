@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_hipe.config import Config
-from wsi_hipe.pipeline._inputs import as_slide, check_model_for, detect_tissue, load_for, runner_for
+from wsi_hipe.pipeline._inputs import (
+    as_slide,
+    check_model_for,
+    detect_tissue,
+    load_for,
+    runner_for,
+    tasks_model,
+    wants_gpu,
+)
 from wsi_hipe.pipeline._results import SlideResult
 from wsi_hipe.pipeline._tile import ModelRef, TileJob, TileSpec, run_tile, skip_bound
 from wsi_hipe.pipeline._types import (
@@ -33,10 +41,12 @@ from wsi_hipe.pipeline._types import (
     as_config,
 )
 from wsi_hipe.provenance import model_identity, package_versions, slide_identity
+from wsi_hipe.schedule import TaskError
 
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_hipe.models import SegmentationModel
     from wsi_hipe.omezarr import OutputStore
+    from wsi_hipe.schedule import Runner
     from wsi_hipe.slide import Slide
     from wsi_hipe.tiling import Tile, TileGrid
     from wsi_hipe.tissue import TissueMask
@@ -95,24 +105,31 @@ def explain_slide(
 
     Notes
     -----
-    Tiles whose pixels cannot be read (:class:`~wsi_hipe.errors.SlideReadError`) are recorded
-    as failed with the error and left zero; the run goes on and reports them in
-    ``SlideResult.failed``. Rerunning retries only them.
+    Tiles whose pixels cannot be read (:class:`~wsi_hipe.errors.SlideReadError`), and tiles
+    whose task raised on each of its 1 + ``schedule.retries`` tries, are recorded as failed
+    with the error and left zero; the run goes on and reports them in ``SlideResult.failed``.
+    Rerunning retries only them. If the Dask scheduler goes away mid-run
+    (:class:`~wsi_hipe.schedule.SchedulerLostError`), the tiles written so far are kept and
+    the same call against a live scheduler resumes.
     """
     t_start = time.perf_counter()
     cfg = as_config(config)
     output = Path(output)
+    runner, owned = runner_for(scheduler, cfg, gpu=wants_gpu(model, cfg))
     slide_obj, opened_here = as_slide(slide, cfg)
     try:
-        model_obj = load_for(model, cfg)
+        # Workers in other processes get the model as CPU weights: keep this copy on the CPU.
+        model_obj = load_for(model, cfg, remote=runner.remote)
         check_model_for(model_obj, cfg)
         tissue, grid = _plan(slide_obj, cfg)
         slide_prov = slide_identity(slide_obj)
         fingerprint, provenance = _identity(slide_obj, slide_prov, model_obj, cfg, grid)
         store = _create_store(output, grid, cfg, slide_obj, fingerprint, provenance, overwrite)
         run = _SlideRun(store, grid, slide_obj, model_obj, cfg)
-        todo, passes, records = run.resume(tissue, scheduler=scheduler, progress=progress)
+        todo, passes, records = run.resume(tissue, runner=runner, progress=progress)
     finally:
+        if owned:
+            runner.close()
         if opened_here:
             slide_obj.close()
     counts, failed = _summary(records)
@@ -232,7 +249,7 @@ class _SlideRun:
     cfg: Config
 
     def resume(
-        self, tissue: TissueMask, *, scheduler: SchedulerLike | None, progress: Progress | None
+        self, tissue: TissueMask, *, runner: Runner, progress: Progress | None
     ) -> tuple[list[Tile], int, dict]:
         """Compute the tiles the output does not hold yet and finalize it.
 
@@ -256,7 +273,7 @@ class _SlideRun:
             if progress is not None:
                 progress(resumed, total)
             tile_progress = None if progress is None else (lambda n: progress(resumed + n, total))
-            passes = self.compute(todo, scheduler=scheduler, progress=tile_progress)
+            passes = self.compute(todo, runner=runner, progress=tile_progress)
             store.finalize()
             return todo, passes, store.tile_records()
 
@@ -264,31 +281,32 @@ class _SlideRun:
         self,
         tiles: Sequence[Tile],
         *,
-        scheduler: SchedulerLike | None,
+        runner: Runner,
         progress: Callable[[int], object] | None,
     ) -> int:
-        """Compute ``tiles``; write each core and then its record; return the forward passes."""
+        """Compute ``tiles``; write each core and then its record as it arrives (streaming);
+        return the forward passes. A tile whose task failed on every try is recorded failed."""
         if not tiles:
             return 0
-        gpu = str(self.model.device).startswith("cuda")
-        runner, owned = runner_for(scheduler, self.cfg, gpu=gpu)
         model_ref = ModelRef.of(self.model, self.cfg)
-        shared: dict[str, Any] = {"spec": TileSpec.of(self.cfg, model_ref), "slide": self.slide}
-        if not runner.remote or model_ref.source is None:
-            # threads/sync share the loaded model; an in-memory model must travel to workers.
-            shared["model"] = self.model
+        shared: dict[str, Any] = {
+            "spec": TileSpec.of(self.cfg, model_ref),
+            "slide": self.slide,
+            "model": tasks_model(self.model, self.cfg, runner),
+        }
         jobs = (TileJob.of(self.grid, t) for t in tiles)
         passes = done = 0
-        try:
-            for job, outcome in runner.map(run_tile, jobs, shared=shared):
+        for job, outcome in runner.map(run_tile, jobs, shared=shared, errors="return"):
+            if isinstance(outcome, TaskError):
+                record = job.record()
+                record["error"] = f"{outcome.error} (failed {outcome.attempts} tries)"
+            else:
                 if outcome.saliency is not None:
                     self.store.write_tile(job.y, job.x, outcome.saliency, outcome.segmentation)
-                self.store.record_tile(outcome.record)
-                passes += int(outcome.record["passes"])
-                done += 1
-                if progress is not None:
-                    progress(done)
-        finally:
-            if owned:
-                runner.close()
+                record = outcome.record
+            self.store.record_tile(record)
+            passes += int(record["passes"] or 0)
+            done += 1
+            if progress is not None:
+                progress(done)
         return passes
