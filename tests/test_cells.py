@@ -15,6 +15,7 @@ from wsi_hipe.cells import (
     Cells,
     SaliencySummary,
     cell_scores,
+    explain_cells,
     find_cells,
     in_core,
     outline,
@@ -255,3 +256,58 @@ def test_outline_keeps_diagonal_pixels_apart_and_finds_holes():
     assert outer.tolist()[:4] == [[0, 0], [0, 4], [4, 4], [4, 0]]
     assert sorted(map(tuple, hole[:-1].tolist())) == [(1, 1), (1, 3), (3, 1), (3, 3)]
     assert outline(np.zeros((3, 3), bool)) == []
+
+
+# --- one tile ---------------------------------------------------------------------------------
+
+
+def _tile_window():
+    x = np.full((48, 48), 0.05, np.float32)
+    x[_disc(x.shape, 20, 20, 5)] = 0.9  # owned: centroid in the core
+    x[_disc(x.shape, 24, 33, 4)] = 0.9  # owned
+    x[_disc(x.shape, 3, 24, 3)] = 0.9  # in the halo: another tile's
+    x = torch.from_numpy(x)[None]
+    model = KnownProbabilities()
+    logits = model(x[None])
+    segmentation = torch.softmax(logits, 1).argmax(1)[0].numpy()
+    return model, x, logits, segmentation
+
+
+def test_explain_cells_is_one_vector_run_equal_to_separate_runs():
+    model, x, logits, seg = _tile_window()
+    core = (8, 8, 32, 32)
+    region = np.zeros((48, 48), np.float32)
+    region[8:40, 8:40] = 1
+    tile = class_area(model, class_index=1, region=region)
+    hipe = {"substrate": "fade", "batch_size": 16}
+    out = explain_cells(model, x, logits, seg, core=core, mpp=0.5, tile_score=tile, hipe=hipe)
+    assert out.found == 3 and out.cells.n == 2 and out.status.tolist() == ["done", "done"]
+    alone = hierarchical_perturbation(tile, x, **hipe)
+    np.testing.assert_allclose(out.tile_saliency, alone.saliency.numpy(), rtol=1e-5, atol=1e-5)
+    # each cell's summary = the summary of a separate run on that cell's score
+    regions = score_regions(find_cells(seg == 1, min_area=16, split_depth=1.0), 3.0)
+    passes = 0
+    for k in range(2):
+        own = out.cells.labels == k + 1
+        label = np.bincount(regions[own]).argmax()
+        single = cell_scores(model, (regions == label).astype(np.int32))
+        np.testing.assert_allclose(out.score[k], single(x[None]).item(), rtol=1e-6)
+        res = hierarchical_perturbation(lambda b, f=single: f(b)[:, 0], x, **hipe)
+        passes += res.forward_passes
+        ref = summarize(res.saliency.numpy()[None], out.cells.select([k]), ring=6.0)
+        for name in ("total", "inside", "ring", "beyond"):
+            np.testing.assert_allclose(
+                getattr(out.summary, name)[k], getattr(ref, name)[0], rtol=1e-4
+            )
+    assert out.forward_passes < passes + alone.forward_passes
+
+
+def test_explain_cells_skips_cells_below_the_floor_and_tiles_without_cells():
+    model, x, logits, seg = _tile_window()
+    out = explain_cells(model, x, logits, seg, core=(8, 8, 32, 32), mpp=0.5, floor=1e9)
+    assert out.status.tolist() == ["skipped", "skipped"] and out.forward_passes == 0
+    assert out.summary.total.tolist() == [0, 0] and out.tile_saliency is None
+    none = explain_cells(model, x, logits, np.zeros_like(seg), core=(8, 8, 32, 32), mpp=0.5)
+    assert none.cells.n == 0 and none.forward_passes == 0
+    with pytest.raises(ValueError, match="the model's classes are"):
+        explain_cells(model, x, logits, seg, class_index="tumour", core=(8, 8, 32, 32), mpp=0.5)

@@ -47,6 +47,16 @@ partition their pixels. The default margin :data:`MARGIN_UM` = 1.5 µm is the 3 
 :func:`wsi_hipe.scores.cell_area` at 0.5 µm/px. The vector score is one scatter-add over the
 region labels (float64 accumulation), not K masked sums.
 
+One tile (:func:`explain_cells`)
+--------------------------------
+All instances of the tile's window are found (so that score regions of owned cells never take
+pixels of a neighbour that belongs to another tile); the tile keeps the cells it owns. A cell whose
+own score is at or below the score floor is *skipped*: by the pipeline's skip bound its map is at
+most ``4 · D · floor`` everywhere, so it gets no HiPe target, zero summaries and status
+"skipped". The other cells, and the tile's own score when the tile is explained, are one vector
+target: ``forward(batch) -> (B, [1 +] K)``, explained in the same passes, the tile's map equal to
+a separate run on the tile's score alone.
+
 Summaries (:func:`summarize`)
 -----------------------------
 For cell ``k`` with saliency map ``S_k`` over the tile (halo included) and own mask ``M_k``:
@@ -78,7 +88,9 @@ __all__ = [
     "CellScores",
     "Cells",
     "SaliencySummary",
+    "TileCells",
     "cell_scores",
+    "explain_cells",
     "find_cells",
     "in_core",
     "outline",
@@ -683,3 +695,137 @@ def _signed_area(ring: np.ndarray) -> float:
     """Shoelace area in (x, y): positive = counter-clockwise in a y-up frame."""
     y, x = ring[:, 0], ring[:, 1]
     return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+
+
+# --- one tile ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TileCells:
+    """What :func:`explain_cells` returns for one tile.
+
+    Attributes
+    ----------
+    cells : Cells
+        The cells the tile owns, on the window's pixel grid (numbered 1..n).
+    score : (n,) float64
+        Each cell's own score (its expected class area over its score region), clean input.
+    summary : SaliencySummary
+        Per-cell saliency sums (zeros for skipped cells).
+    status : (n,) str
+        "done" (explained) or "skipped" (own score ≤ floor).
+    tile_saliency : (H, W) float32 ndarray or None
+        The tile score's map from the same run (None when the tile itself was not explained).
+    forward_passes : int
+        Passes of the HiPe run (0 when nothing was explained).
+    found : int
+        Instances in the whole window (owned or not).
+    """
+
+    cells: Cells
+    score: np.ndarray
+    summary: SaliencySummary
+    status: np.ndarray
+    tile_saliency: np.ndarray | None
+    forward_passes: int
+    found: int
+
+
+def explain_cells(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    segmentation,
+    *,
+    class_index: int | str = 1,
+    core: tuple[int, int, int, int],
+    mpp: float,
+    floor: float = 0.0,
+    tile_score: Score | None = None,
+    ring_um: float = RING_UM,
+    margin_um: float = MARGIN_UM,
+    min_area_um2: float = MIN_AREA_UM2,
+    split_depth_um: float = SPLIT_DEPTH_UM,
+    hipe: dict | None = None,
+    progress=None,
+) -> TileCells:
+    """Find a tile's cells and explain all of them (and the tile) in one vector HiPe run.
+
+    Parameters
+    ----------
+    model : callable
+        ``(B, C, H, W) -> (B, K, H, W)`` logits.
+    x : (C, H, W) tensor
+        The tile's window (core + halo).
+    logits : (1, K, H, W) tensor
+        ``model(x[None])``, already computed by the caller.
+    segmentation : (H, W) int ndarray
+        The caller's segmentation of the window (``SegmentationModel.segment``): the cells are
+        the instances of ``segmentation == class_index``.
+    class_index : int
+        The score class.
+    core : (y0, x0, h, w)
+        The core inside the window, px (the owner rule, :func:`in_core`).
+    mpp : float
+        µm per pixel of the window (converts the µm options).
+    floor : float
+        Cells whose own score is ≤ ``floor`` are skipped (module docstring).
+    tile_score : Score, optional
+        The tile's own score, explained as target 0 of the same run; None: only the cells.
+    ring_um, margin_um, min_area_um2, split_depth_um : float
+        See the module docstring.
+    hipe : dict, optional
+        Keyword options of :func:`wsi_hipe.hipe.hierarchical_perturbation`.
+    progress : callable, optional
+        HiPe's progress hook.
+
+    Returns
+    -------
+    TileCells
+    """
+    from wsi_hipe.hipe import hierarchical_perturbation
+
+    seg = (
+        segmentation.detach().cpu().numpy()
+        if isinstance(segmentation, torch.Tensor)
+        else segmentation
+    )
+    seg = np.asarray(seg)
+    base = class_area(model, class_index=class_index)
+    probability = _class_maps(logits, base)[0].detach().cpu().numpy()
+    found = find_cells(
+        seg == base.class_index[0],
+        probability,
+        min_area=um_to_px(min_area_um2, mpp, power=2),
+        split_depth=um_to_px(split_depth_um, mpp),
+    )
+    regions = score_regions(found, um_to_px(margin_um, mpp))
+    owned = np.nonzero(in_core(found, core))[0]
+    cells = found.select(owned)
+    lut = np.zeros(found.n + 1, np.int32)
+    lut[owned + 1] = np.arange(1, owned.size + 1, dtype=np.int32)
+    regions = lut[regions]  # owned cells' regions, numbered as ``cells``
+    scores = cell_scores(model, regions, class_index=base.class_index).from_logits(logits)[0]
+    score = scores.detach().double().cpu().numpy()
+    explained = score > floor
+    status = np.where(explained, "done", "skipped")
+    summary = SaliencySummary.zeros(cells.n)
+    targets = np.nonzero(explained)[0]
+    if targets.size == 0 and tile_score is None:
+        return TileCells(cells, score, summary, status, None, 0, found.n)
+    lut = np.zeros(cells.n + 1, np.int32)
+    lut[targets + 1] = np.arange(1, targets.size + 1, dtype=np.int32)
+    extra = (tile_score,) if tile_score is not None else ()
+    forward = cell_scores(model, lut[regions], class_index=base.class_index, extra=extra)
+    result = hierarchical_perturbation(forward, x, progress=progress, **(hipe or {}))
+    maps = result.saliency.detach().float().cpu().numpy().reshape(-1, *cells.shape)
+    tile_map = maps[0] if tile_score is not None else None
+    if targets.size:
+        part = summarize(maps[len(extra) :], cells.select(targets), ring=um_to_px(ring_um, mpp))
+        for name in ("total", "inside", "ring", "beyond"):
+            getattr(summary, name)[targets] = getattr(part, name)
+    logger.debug(
+        "cells: %d found, %d owned, %d explained in %d passes",
+        found.n, cells.n, targets.size, result.forward_passes,
+    )  # fmt: skip
+    return TileCells(cells, score, summary, status, tile_map, result.forward_passes, found.n)
