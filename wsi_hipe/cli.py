@@ -3,8 +3,9 @@
 This is the only module that configures logging (console and ``OUT.ome.zarr/wsi_hipe/run.log``)
 and draws progress bars; everything it does goes through :mod:`wsi_hipe.pipeline`.
 
-Exit codes: 0 success; 1 an error (bad slide, configuration, output); 2 a usage error (typer);
-3 finished, but some tiles or slides failed (rerun to retry them).
+Exit codes: 0 success; 1 an error (bad slide, configuration, output, a lost Dask scheduler:
+rerun to resume); 2 a usage error (typer); 3 "partial": finished, but some tiles or slides
+failed (rerun to retry them).
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ _CLI_FIXES = (
     ("overwrite=True", "--overwrite"),
     ("allow_brightfield=True", "--allow-brightfield"),
     ("to another path", "to another path (-o)"),
+    ("rerun the same call", "rerun the same command (--scheduler tcp://HOST:PORT of the new one)"),
 )
 
 
@@ -266,6 +268,13 @@ DepthOpt = Annotated[int | None, typer.Option("--max-depth", help="HiPe depths (
 FloorOpt = Annotated[
     float | None, typer.Option("--floor", help="Score floor below which HiPe is skipped.")
 ]
+JobScriptOpt = Annotated[
+    bool,
+    typer.Option(
+        "--print-job-script",
+        help="With --scheduler slurm|pbs|lsf: print the worker job script and exit.",
+    ),
+]
 
 
 def _overrides(**values: Any) -> dict[str, Any]:
@@ -361,6 +370,7 @@ def run(
     floor: FloorOpt = None,
     channel: ChannelOpt = None,
     allow_brightfield: BrightfieldOpt = None,
+    print_job_script: JobScriptOpt = False,
 ) -> None:
     """Explain one slide into an OME-Zarr (resumes an interrupted run of the same command)."""
     cfg = _load_config(
@@ -380,16 +390,35 @@ def run(
             floor=floor,
         ),
     )
+    if print_job_script:
+        _print_job_script(cfg)
+        return
     with _errors():
         result = _run_slide(slide, output, cfg, overwrite=overwrite)
     _print_result(result)
     typer.echo(str(result.output))
     if not result.ok:
         raise _fail(
-            f"{len(result.failed)} tile(s) could not be read; the output is written without "
+            f"{len(result.failed)} tile(s) failed (unreadable pixels, or a task that raised on "
+            f"each of its {1 + cfg.schedule.retries} tries); the output is written without "
             "them. Rerun the same command to retry them.",
             EXIT_PARTIAL,
         )
+
+
+def _print_job_script(cfg) -> None:
+    """Print the job script of the configured batch system (``--print-job-script``)."""
+    from wsi_hipe.config import JOBQUEUE_SCHEDULERS
+    from wsi_hipe.schedule import job_script
+
+    kind = cfg.schedule.scheduler
+    if kind not in JOBQUEUE_SCHEDULERS:
+        raise typer.BadParameter(
+            f"--print-job-script needs --scheduler {' | '.join(JOBQUEUE_SCHEDULERS)}, got {kind!r}"
+        )
+    with _errors():
+        gpu = cfg.model.device.startswith("cuda")
+        typer.echo(job_script(kind, cfg.schedule.jobqueue, gpu=gpu))
 
 
 @app.command()
@@ -415,6 +444,7 @@ def batch(
         bool,
         typer.Option("--skip-errors", help="Go on past slides that fail (default: stop)."),
     ] = False,
+    print_job_script: JobScriptOpt = False,
 ) -> None:
     """Explain many slides, one OUTDIR/<slide>.ome.zarr each, with a summary table."""
     from wsi_hipe.pipeline import explain_batch, resolve_batch_inputs
@@ -435,6 +465,9 @@ def batch(
             floor=floor,
         ),
     )
+    if print_job_script:
+        _print_job_script(cfg)
+        return
     with _errors():
         n_slides = len(resolve_batch_inputs(inputs))
     outdir.mkdir(parents=True, exist_ok=True)
@@ -464,23 +497,32 @@ def batch(
 @contextmanager
 def _batch_logs(outdir: Path):
     """Log into ``OUTDIR/wsi-hipe-batch.log``, and each slide into its own output's run.log;
-    yields the batch's ``on_start`` hook that switches the slide log."""
+    yields the batch's ``on_start`` hook that switches the slide log.
+
+    Two slides may run at once (each in its own thread): a slide's log takes the records of
+    the thread that runs it."""
+    import threading
+
     root = logging.getLogger("wsi_hipe")
     handler = _DeferredFileHandler(outdir / "wsi-hipe-batch.log")
-    slide_log: list[_DeferredFileHandler] = []
+    slide_log: dict[int, _DeferredFileHandler] = {}  # thread id -> its slide's log
     root.addHandler(handler)
 
     def on_start(slide: str, output: Path) -> None:
-        for old in slide_log:
+        thread = threading.get_ident()
+        old = slide_log.pop(thread, None)
+        if old is not None:
             root.removeHandler(old)
             old.close()
-        slide_log[:] = [_DeferredFileHandler(Path(output) / "wsi_hipe" / "run.log")]
-        root.addHandler(slide_log[0])
+        new = _DeferredFileHandler(Path(output) / "wsi_hipe" / "run.log")
+        new.addFilter(lambda record: record.thread == thread)
+        slide_log[thread] = new
+        root.addHandler(new)
 
     try:
         yield on_start
     finally:
-        for extra in [handler, *slide_log]:
+        for extra in [handler, *slide_log.values()]:
             root.removeHandler(extra)
             extra.close()
 
@@ -507,7 +549,8 @@ def _print_batch(statuses: list[SlideStatus], outdir: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"wsi-hipe batch → {outdir}")
-    for column in ("slide", "status", "output", "tiles", "failed tiles", "seconds", "error"):
+    columns = ("slide", "status", "output", "tiles", "failed tiles", "seconds", "tiles/s", "error")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for s in statuses:
         r = s.result
@@ -518,6 +561,7 @@ def _print_batch(statuses: list[SlideStatus], outdir: Path) -> None:
             str(r.tiles_total) if r else "",
             str(len(r.failed)) if r else "",
             f"{s.seconds:.1f}",
+            f"{r.computed / s.seconds:.2f}" if r and s.seconds > 0 else "",
             _cli_message(s.error or ""),
         )
     Console(width=200).print(table)

@@ -585,6 +585,14 @@ class TaskRunner:
         if jobqueue is not None and not isinstance(jobqueue, JobqueueConfig):
             jobqueue = JobqueueConfig(**dict(jobqueue))
         self.jobqueue = jobqueue
+        if self.kind in JOBQUEUE_SCHEDULERS:
+            command = _SUBMIT_COMMANDS[self.kind]
+            if shutil.which(command) is None:
+                raise ConfigError(
+                    f"scheduler {self.kind!r} submits Dask workers as batch jobs with "
+                    f"{command!r}, which is not on the PATH: run on a login node of the cluster "
+                    "(see docs/cluster.md)"
+                )
         self._pool: Any = None
         self._client: Any = None
         self._cluster: Any = None
@@ -716,13 +724,6 @@ class TaskRunner:
     def _start_jobqueue(self) -> None:
         from distributed import Client
 
-        command = _SUBMIT_COMMANDS[self.kind]
-        if shutil.which(command) is None:
-            raise ConfigError(
-                f"scheduler {self.kind!r} submits Dask workers as batch jobs with {command!r}, "
-                f"which is not on the PATH: run on a login node of the cluster, or see "
-                "docs/cluster.md"
-            )
         cfg = self.jobqueue or JobqueueConfig()
         self._cluster = jobqueue_cluster(self.kind, cfg, gpu=self.gpu)
         self._cluster.adapt(minimum_jobs=cfg.minimum_jobs, maximum_jobs=cfg.maximum_jobs)

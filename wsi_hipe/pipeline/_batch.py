@@ -7,15 +7,17 @@ import glob
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsi_hipe.config import Config
 from wsi_hipe.errors import ConfigError, OutputError, SlideNotFoundError, WsiHipeError
-from wsi_hipe.pipeline._inputs import load_for, runner_for
+from wsi_hipe.pipeline._inputs import load_for, runner_for, wants_gpu
 from wsi_hipe.pipeline._results import SlideStatus
 from wsi_hipe.pipeline._slide import explain_slide
 from wsi_hipe.pipeline._types import (
@@ -26,13 +28,13 @@ from wsi_hipe.pipeline._types import (
     SchedulerLike,
     as_config,
 )
-from wsi_hipe.schedule import TaskRunner
+from wsi_hipe.schedule import OnError, Runner, SchedulerLostError
 from wsi_hipe.slide import SLIDE_SUFFIXES
 
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_hipe.models import SegmentationModel
 
-__all__ = ["BatchItem", "resolve_batch_inputs", "explain_batch"]
+__all__ = ["BatchItem", "resolve_batch_inputs", "explain_batch", "tiles_per_second"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ def explain_batch(
     on_slide: Callable[[SlideStatus, int, int], object] | None = None,
     on_start: Callable[[str, Path], object] | None = None,
 ) -> list[SlideStatus]:
-    """Explain many slides into ``outdir``, one OME-Zarr each.
+    """Explain many slides into ``outdir``, one OME-Zarr each, keeping the workers busy.
 
     Parameters
     ----------
@@ -207,45 +209,73 @@ def explain_batch(
         Replace existing outputs. Without it an existing output is resumed if it matches, and
         reported as failed if not (``ResumeMismatchError``).
     skip_errors : bool
-        Go on past a slide that fails. Without it the batch stops at the first failure
-        (finished outputs are kept; the remaining slides are reported as "not run").
+        Go on past a slide that fails. Without it no slide starts after the first failure
+        (finished outputs are kept; slides not started are reported as "not run").
     progress : callable, optional
         ``progress(slide_name, done, total)`` during each slide, ``done`` and ``total`` in
         tiles as for :func:`~wsi_hipe.pipeline.explain_slide` (:data:`~wsi_hipe.pipeline.Progress`).
     on_slide : callable, optional
-        ``on_slide(status, done_slides, total_slides)`` after each slide.
+        ``on_slide(status, done_slides, total_slides)`` after each slide, in the order slides
+        finish.
     on_start : callable, optional
-        ``on_start(slide, output)`` before each slide runs (e.g. to log into its output).
+        ``on_start(slide, output)`` before each slide runs, in the thread that runs it (e.g. to
+        log into its output).
 
     Returns
     -------
     list of SlideStatus
         One per input slide, in input order.
+
+    Raises
+    ------
+    SchedulerLostError
+        The Dask scheduler went away: slides finished so far are complete, the others resume
+        when the same call is made against a live scheduler.
+
+    Notes
+    -----
+    Slides overlap on one scheduler: the next slide starts (tissue detection, output, first
+    tiles) as soon as every tile of the current one has been submitted, so its tiles fill the
+    workers while the last tiles of the previous slide finish and its pyramid is built. At
+    most two slides are open at a time (each with its own window of ``max_in_flight`` tiles).
+    With ``sync`` slides run one after the other.
     """
     cfg = as_config(config)
     outdir = Path(outdir)
     items = resolve_batch_inputs(inputs)
     outputs = _output_names(items, outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    model_obj = load_for(model, cfg)
-    runner, owned = runner_for(scheduler, cfg, gpu=str(model_obj.device).startswith("cuda"))
-    batch = _Batch(cfg, model_obj, runner, overwrite, progress, on_start)
-    statuses: list[SlideStatus] = []
+    runner, owned = runner_for(scheduler, cfg, gpu=wants_gpu(model, cfg))
     try:
-        stop = False
-        for i, (item, out) in enumerate(zip(items, outputs, strict=True)):
-            if stop:
-                statuses.append(SlideStatus(str(item.slide), out, "not run"))
-                continue
-            status = batch.explain(item, out)
-            stop = status.status == "failed" and not skip_errors
-            statuses.append(status)
-            if on_slide is not None:
-                on_slide(status, i + 1, len(items))
+        model_obj = load_for(model, cfg, remote=runner.remote)
+        batch = _Batch(cfg, model_obj, runner, overwrite, progress, on_start)
+        return batch.run(list(zip(items, outputs, strict=True)), skip_errors, on_slide)
     finally:
         if owned:
             runner.close()
-    return statuses
+
+
+class _Lane:
+    """One slide's view of the batch's runner: the same runner, and an event set once every
+    tile of the slide has been submitted (the batch then starts the next slide)."""
+
+    def __init__(self, runner: Runner, submitted: threading.Event) -> None:
+        self._runner = runner
+        self.submitted = submitted
+
+    @property
+    def remote(self) -> bool:
+        return self._runner.remote
+
+    def map(self, fn, items, *, shared=None, errors: OnError = "raise"):
+        def tracked():
+            yield from items
+            self.submitted.set()
+
+        return self._runner.map(fn, tracked(), shared=shared, errors=errors)
+
+    def close(self) -> None:
+        """The batch owns the runner: nothing to close."""
 
 
 @dataclass(frozen=True)
@@ -254,13 +284,67 @@ class _Batch:
 
     cfg: Config
     model: SegmentationModel
-    runner: TaskRunner
+    runner: Runner
     overwrite: bool
     progress: BatchProgress | None
     on_start: Callable[[str, Path], object] | None
 
-    def explain(self, item: BatchItem, out: Path) -> SlideStatus:
-        """One slide of the batch; its failure is a status, never an exception."""
+    def run(
+        self,
+        slides: list[tuple[BatchItem, Path]],
+        skip_errors: bool,
+        on_slide: Callable[[SlideStatus, int, int], object] | None,
+    ) -> list[SlideStatus]:
+        """Every slide, the next one starting when the current one's tiles are all submitted."""
+        overlap = getattr(self.runner, "kind", "sync") != "sync"
+        statuses: dict[int, SlideStatus] = {}
+        running: dict[Future, int] = {}
+        pool = ThreadPoolExecutor(2 if overlap else 1, thread_name_prefix="wsi-hipe-slide")
+        lost: list[BaseException] = []
+
+        def collect(block: bool) -> None:
+            done = wait(running, return_when=FIRST_COMPLETED)[0] if block else set()
+            done |= {f for f in running if f.done()}
+            for fut in sorted(done, key=running.get):
+                index = running.pop(fut)
+                try:
+                    statuses[index] = fut.result()
+                except SchedulerLostError as exc:
+                    lost.append(exc)
+                    continue
+                if on_slide is not None:
+                    on_slide(statuses[index], len(statuses), len(slides))
+
+        clean = False
+        try:
+            for index, (item, out) in enumerate(slides):
+                while len(running) >= (2 if overlap else 1):
+                    collect(block=True)
+                failed = any(s.status == "failed" for s in statuses.values())
+                if lost or (failed and not skip_errors):
+                    break
+                submitted = threading.Event()
+                fut = pool.submit(self.explain, item, out, _Lane(self.runner, submitted))
+                fut.add_done_callback(lambda _f, event=submitted: event.set())
+                running[fut] = index
+                submitted.wait()
+                collect(block=False)
+            while running:
+                collect(block=True)
+            clean = True
+        finally:
+            # On an interrupt, do not wait for the open slides: closing the runner ends them.
+            pool.shutdown(wait=clean, cancel_futures=True)
+        if lost:
+            raise lost[0]
+        return [
+            statuses.get(i) or SlideStatus(str(item.slide), out, "not run")
+            for i, (item, out) in enumerate(slides)
+        ]
+
+    def explain(self, item: BatchItem, out: Path, lane: Runner | None = None) -> SlideStatus:
+        """One slide of the batch; its failure is a status, never an exception (but a lost
+        scheduler is raised: no later slide could run)."""
         cfg = self.cfg if item.mpp is None else self.cfg.with_overrides({"slide.mpp": item.mpp})
         t0 = time.perf_counter()
         hook = None
@@ -279,10 +363,12 @@ class _Batch:
                 out,
                 config=cfg,
                 model=self.model,
-                scheduler=self.runner,
+                scheduler=lane or self.runner,
                 overwrite=self.overwrite,
                 progress=hook,
             )
+        except SchedulerLostError:
+            raise
         except Exception as exc:  # one slide's failure must not lose the batch's statuses
             if isinstance(exc, (WsiHipeError, OSError, ValueError)):
                 logger.error("%s failed: %s", item.slide, exc)
@@ -292,6 +378,20 @@ class _Batch:
             return SlideStatus(
                 str(item.slide), out, "failed", error, None, time.perf_counter() - t0
             )
+        seconds = time.perf_counter() - t0
         state = "done" if result.ok else "partial"
         error = None if result.ok else f"{len(result.failed)} tile(s) failed"
-        return SlideStatus(str(item.slide), out, state, error, result, time.perf_counter() - t0)
+        logger.info(
+            "%s: %s, %d tile(s) computed in %.1f s (%.2f tiles/s)",
+            item.slide,
+            state,
+            result.computed,
+            seconds,
+            tiles_per_second(result.computed, seconds),
+        )
+        return SlideStatus(str(item.slide), out, state, error, result, seconds)
+
+
+def tiles_per_second(tiles: int, seconds: float) -> float:
+    """Tiles computed per second of a slide's wall time (0 when nothing was computed)."""
+    return tiles / seconds if tiles and seconds > 0 else 0.0
