@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -245,6 +246,67 @@ def test_relevance_mass_exact():
     assert math.isnan(relevance_mass(np.zeros((2, 2)), gt))
 
 
+# --- AUROC of a map: class pixels against other pixels -------------------------------------
+
+
+def test_auroc_perfect_constant_inverted_and_by_hand():
+    gt = np.zeros((6, 6), bool)
+    gt[1:3, 1:4] = True  # 6 class pixels
+    other = np.zeros((6, 6), bool)
+    other[4:6, :] = True  # 12 other-nuclei pixels
+    assert metrics.auroc(gt.astype(float), gt, other) == 1.0  # perfect map
+    assert metrics.auroc(np.full((6, 6), 3.0), gt, other) == 0.5  # constant map: all ties
+    assert metrics.auroc(-gt.astype(float), gt, other) == 0.0  # inverted
+    # By hand: positives {2, 1}, negatives {1, 0}: pairs (2>1)(2>0)(1=1: 1/2)(1>0) = 3.5 / 4.
+    sal = np.array([[2.0, 1.0], [1.0, 0.0]])
+    pos = np.array([[1, 1], [0, 0]], bool)
+    assert metrics.auroc(sal, pos) == pytest.approx(3.5 / 4)
+    # Pixels in neither set do not count.
+    sal2 = sal.copy()
+    sal2[1, 1] = 99.0
+    assert metrics.auroc(sal2, pos, np.array([[0, 0], [1, 0]], bool)) == pytest.approx(0.75)
+
+
+def test_auroc_matches_pairwise_count_on_random_maps():
+    rng = np.random.default_rng(3)
+    sal = rng.integers(0, 5, (9, 9)).astype(float)  # many ties
+    pos = rng.random((9, 9)) < 0.3
+    neg = ~pos & (rng.random((9, 9)) < 0.7)
+    a, b = sal[pos][:, None], sal[neg][None, :]
+    expected = ((a > b).sum() + 0.5 * (a == b).sum()) / (a.size * b.size)
+    assert metrics.auroc(sal, pos, neg) == pytest.approx(expected, abs=1e-12)
+
+
+def test_auroc_errors():
+    with pytest.raises(ValueError, match="overlap"):
+        metrics.auroc(np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)))
+    with pytest.raises(ValueError, match="positive and negative"):
+        metrics.auroc(np.ones((2, 2)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.auroc(np.ones((2, 2)), np.ones((3, 3)))
+
+
+# --- the tissue-background substrate ------------------------------------------------------
+
+
+def test_tissue_background_removes_nuclei_and_keeps_tissue():
+    x = torch.full((1, 64, 64), 0.1)
+    x[0, :, 32:] = 0.2  # two tissue levels, each wider than the disk
+    yy, xx = np.mgrid[:64, :64]
+    nucleus = (yy - 16) ** 2 + (xx - 16) ** 2 <= 16  # radius 4 px
+    x[0][torch.from_numpy(nucleus)] = 1.0
+    bg = metrics.tissue_background(x, radius_px=6.0, smooth_px=0.0)
+    assert bg.shape == x.shape and bg.dtype == x.dtype
+    assert torch.all(bg <= x)  # never brighter than the pixel it replaces
+    assert float(bg[0, 16, 16]) == pytest.approx(0.1)  # the nucleus is gone
+    assert float(bg[0, 48, 8]) == pytest.approx(0.1)  # wide tissue is kept as it is
+    assert float(bg[0, 48, 56]) == pytest.approx(0.2)
+    smooth = metrics.tissue_background(x, radius_px=6.0)
+    assert torch.all(smooth <= x) and float(smooth[0, 16, 16]) < 0.2
+    with pytest.raises(ValueError, match="radius_px"):
+        metrics.tissue_background(x, radius_px=0)
+
+
 # --- randomisation sanity check ------------------------------------------------------------
 
 
@@ -315,6 +377,41 @@ def test_randomising_an_unused_layer_keeps_the_map():
     np.testing.assert_array_equal(res.maps[0], res.original)
     with pytest.raises(ValueError, match="unknown layer"):
         randomisation_check(model, occlusion_2x2, x, layers=["nope"])
+
+
+def test_a_random_models_maps_decorrelate():
+    """The data-randomisation check: a freshly initialised model has an unrelated map."""
+    model = QuadrantModel()
+    x = torch.from_numpy(np.random.default_rng(1).random((1, 8, 8)).astype(np.float32)) + 0.5
+    trained = occlusion_2x2(model, x).numpy()
+    random_model = copy.deepcopy(model)
+    assert metrics.randomise_parameters(random_model, seed=5) == 3
+    random_map = occlusion_2x2(random_model, x).numpy()
+    assert metrics.spearman(trained, trained) == pytest.approx(1.0)
+    assert abs(metrics.spearman(trained, random_map)) < 0.5
+    # Deterministic in the seed; the global RNG is left alone.
+    state = torch.random.get_rng_state()
+    again = copy.deepcopy(model)
+    metrics.randomise_parameters(again, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for p, q in zip(random_model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_randomisation_stage_may_name_a_container():
+    model = torch.nn.Sequential(QuadrantModel())
+    x = torch.from_numpy(np.random.default_rng(0).random((1, 8, 8)).astype(np.float32)) + 0.5
+    res = randomisation_check(model, occlusion_2x2, x, layers=["0"], keep_maps=True)
+    assert res.layers == ("0",)
+    # The stage randomised the whole model: its map is that of a model randomised by hand.
+    by_hand = copy.deepcopy(model)
+    metrics.randomise_parameters(by_hand, seed=0)
+    np.testing.assert_array_equal(res.maps[0], np.abs(occlusion_2x2(by_hand, x).numpy()))
+    assert not np.array_equal(res.maps[0], res.original)
+    with pytest.raises(ValueError, match="no parameters"):
+        randomisation_check(
+            torch.nn.Sequential(torch.nn.ReLU(), QuadrantModel()), occlusion_2x2, x, layers=["0"]
+        )
 
 
 def test_spearman_constant_map_is_nan():

@@ -415,3 +415,66 @@ def test_render_region_rejects_bad_input():
     with pytest.raises(ValueError, match="slide_size"):
         render_region(0, 0, 8, 8, slide_size=(8,))
     assert set(LAYOUTS) == {"gray", "gray16", "rgb"}
+
+
+# --- lymphocyte density presets ----------------------------------------------------------------
+
+
+def test_density_presets_order_the_lymphocyte_cover_and_keep_the_rest(full):
+    from wsi_hipe.synthetic import DENSITIES
+
+    assert set(DENSITIES) == {"sparse", "clustered", "dense"}
+    cover = {}
+    for density in ("sparse", "clustered", "dense"):
+        r = render_region(0, 0, SIZE, SIZE, seed=SEED, slide_size=SIZE, density=density)
+        np.testing.assert_array_equal(r.tissue, full.tissue)  # the same section
+        lymph = r.lymphocytes > 0
+        cover[density] = lymph.sum() / r.tissue.sum()
+        assert not np.any(lymph & ~r.nuclei)
+        assert {c["cls"] for c in r.cells} >= {"lymphocyte", "tumour"}
+    assert cover["sparse"] < 0.03 < cover["clustered"] < 0.12 < cover["dense"]
+    # None is the seed's own draw, bit for bit the same as before presets existed.
+    own = render_region(0, 0, 256, 256, seed=SEED, slide_size=SIZE, density=None)
+    np.testing.assert_array_equal(own.image, full.image[:256, :256])
+
+
+def test_density_preset_regions_are_crops_of_the_slide():
+    kw = {"seed": 1, "slide_size": 512, "density": "clustered"}
+    big = render_region(0, 0, 512, 512, **kw)
+    sub = render_region(130, 70, 200, 300, **kw)
+    np.testing.assert_array_equal(sub.image, big.image[70:370, 130:330])
+    np.testing.assert_array_equal(sub.lymphocytes, big.lymphocytes[70:370, 130:330])
+
+
+def test_sparse_preset_has_no_cluster():
+    from scipy import ndimage
+
+    r = render_region(0, 0, 1024, 1024, seed=2, slide_size=1024, density="sparse")
+    # Isolated lymphocytes only: no 60 µm window holds more than a handful of them.
+    lymph = (r.lymphocytes > 0).astype(float)
+    assert ndimage.uniform_filter(lymph, 120).max() < 0.1
+    dense = render_region(0, 0, 1024, 1024, seed=2, slide_size=1024, density="dense")
+    assert ndimage.uniform_filter((dense.lymphocytes > 0).astype(float), 120).max() > 0.4
+
+
+def test_write_slide_records_the_density(tmp_path):
+    s = write_slide(tmp_path / "d.tiff", size=256, seed=3, tile_size=256, density="dense")
+    assert s.density == "dense"
+    meta = json.loads(s.ground_truth["meta"].read_text())
+    assert meta["density"] == "dense"
+    import tifffile
+
+    ref = render_region(0, 0, 256, 256, seed=3, slide_size=256, density="dense")
+    np.testing.assert_array_equal(
+        tifffile.imread(s.ground_truth["lymphocytes"]), ref.lymphocytes.astype(np.uint32)
+    )
+    plain = write_slide(tmp_path / "p.tiff", size=256, seed=3, tile_size=256)
+    assert "density" not in json.loads(plain.ground_truth["meta"].read_text())
+
+
+def test_bad_density_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="density must be one of"):
+        render_region(0, 0, 8, 8, density="packed")
+    with pytest.raises(ValueError, match="density must be one of"):
+        write_slide(tmp_path / "x.tiff", size=64, density="packed")
+    assert not any(tmp_path.iterdir())

@@ -9,6 +9,8 @@ interpolated bilinearly, so they cost little and never depend on the window.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -16,7 +18,15 @@ import numpy as np
 from wsi_hipe.synthetic._noise import domain, smoothstep, uniform, value_noise
 from wsi_hipe.synthetic._params import LATTICES, MAX_CELL_RADIUS_UM, SlideParams
 
-__all__ = ["ARTEFACT_FIELDS", "GRID_MARGIN_UM", "FieldGrid", "cluster_field", "tissue_field"]
+__all__ = [
+    "ARTEFACT_FIELDS",
+    "DENSITIES",
+    "GRID_MARGIN_UM",
+    "FieldGrid",
+    "cluster_field",
+    "tissue_field",
+    "with_density",
+]
 
 _FIELD_STEP_UM = 4.0  # spacing of the grid on which per-pixel large-scale fields are evaluated
 
@@ -47,12 +57,72 @@ def _nest(seed: int, p: SlideParams, x_um, y_um) -> np.ndarray:
     return smoothstep((f - p.nest_threshold) / 0.06 + 0.5)
 
 
-def cluster_field(seed: int, p: SlideParams, x_um, y_um) -> np.ndarray:
+def _cluster_noise(seed: int, x_um, y_um) -> np.ndarray:
     key = domain("lymph-cluster")
-    f = 0.65 * value_noise(seed, key, x_um, y_um, 240.0) + 0.35 * value_noise(
+    return 0.65 * value_noise(seed, key, x_um, y_um, 240.0) + 0.35 * value_noise(
         seed, key + 1, x_um, y_um, 70.0
     )
+
+
+def cluster_field(seed: int, p: SlideParams, x_um, y_um) -> np.ndarray:
+    """Lymphocyte-cluster weight in [0, 1]: 1 inside a cluster, 0 outside."""
+    f = _cluster_noise(seed, x_um, y_um)
     return smoothstep((f - p.cluster_threshold) / 0.05 + 0.5)
+
+
+#: Lymphocyte density presets: ``name -> (cluster_cover, isolated_rate)``. ``cluster_cover`` is
+#: the share of the slide's tissue inside lymphocyte clusters (lattice sites 92 % occupied, i.e.
+#: packed, touching lymphocytes), ``isolated_rate`` the share of the other tissue's lymphocyte
+#: sites holding a lone lymphocyte. ``"sparse"``: no cluster, scattered single cells;
+#: ``"clustered"``: a few distinct clusters (about 12 % of the tissue) and few single cells;
+#: ``"dense"``: large confluent infiltrates (about 45 % of the tissue). Without a preset each
+#: seed draws its own cluster threshold and rate, and a small slide may have no cluster at all.
+DENSITIES: dict[str, tuple[float, float]] = {
+    "sparse": (0.0, 0.025),
+    "clustered": (0.12, 0.01),
+    "dense": (0.45, 0.03),
+}
+#: Spacing (µm) of the grid on which a preset's cluster cover is measured over the tissue.
+_COVER_STEP_UM = 16.0
+#: Extent (µm) of the tissue plane over which a preset is measured when there is no slide size.
+_PLANE_UM = 2000.0
+
+
+@functools.lru_cache(maxsize=64)
+def _density_params(
+    seed: int, p: SlideParams, density: str, slide_um: tuple[float, float] | None
+) -> SlideParams:
+    cover, isolated = DENSITIES[density]
+    if cover <= 0.0:
+        return dataclasses.replace(p, cluster_threshold=math.inf, isolated_lymph_rate=isolated)
+    w_um, h_um = slide_um if slide_um is not None else (_PLANE_UM, _PLANE_UM)
+    xs = np.arange(0.5 * _COVER_STEP_UM, w_um, _COVER_STEP_UM)[None, :]
+    ys = np.arange(0.5 * _COVER_STEP_UM, h_um, _COVER_STEP_UM)[:, None]
+    tissue = tissue_field(seed, xs, ys, slide_um) > p.tissue_threshold
+    noise = np.broadcast_to(_cluster_noise(seed, xs, ys), tissue.shape)
+    values = noise[tissue] if tissue.any() else noise.ravel()
+    threshold = float(np.quantile(values, 1.0 - cover))
+    return dataclasses.replace(p, cluster_threshold=threshold, isolated_lymph_rate=isolated)
+
+
+def with_density(
+    seed: int, p: SlideParams, density: str | None, slide_um: tuple[float, float] | None
+) -> SlideParams:
+    """The slide parameters ``p`` with the lymphocyte density preset ``density`` applied.
+
+    The cluster threshold is the quantile of the slide's own cluster noise over its tissue
+    (sampled every 16 µm over the slide, or over a 2 mm square of the endless plane) that
+    leaves ``cluster_cover`` of the tissue in clusters, so every seed and slide size gets the
+    preset's cover. A pure function of ``(seed, density, slide_um)``: tiles of one slide agree.
+    ``density=None`` returns ``p`` unchanged (the seed's own draw).
+    """
+    if density is None:
+        return p
+    if density not in DENSITIES:
+        raise ValueError(
+            f"density must be one of {sorted(DENSITIES)} or None (the seed's own), got {density!r}"
+        )
+    return _density_params(seed, p, density, slide_um)
 
 
 def _density(seed: int, x_um, y_um) -> np.ndarray:

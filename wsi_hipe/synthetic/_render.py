@@ -34,6 +34,7 @@ from wsi_hipe.synthetic._fields import (
     FieldGrid,
     cluster_field,
     tissue_field,
+    with_density,
 )
 from wsi_hipe.synthetic._optics import OOF_SIGMA_UM, blur_radius, chromatin_texture, form_image
 from wsi_hipe.synthetic._params import (
@@ -165,11 +166,13 @@ def render_region(
     mpp: float = 0.5,
     slide_size: int | tuple[int, int] | None = None,
     artefacts: bool = True,
+    density: str | None = None,
 ) -> SyntheticRegion:
     """Render a window of a virtual Hoechst slide with its ground truth.
 
-    The virtual slide is a pure function of ``(seed, mpp, slide_size)``: any window equals the
-    crop of a larger window, bit for bit, so tiles of a slide can be rendered independently.
+    The virtual slide is a pure function of ``(seed, mpp, slide_size, density)``: any window
+    equals the crop of a larger window, bit for bit, so tiles of a slide can be rendered
+    independently.
 
     Parameters
     ----------
@@ -187,6 +190,11 @@ def render_region(
         inside it (tissue fades out towards its borders). ``None``: an endless tissue plane.
     artefacts : bool, keyword-only
         Add bright debris, tissue folds and out-of-focus patches.
+    density : {'sparse', 'clustered', 'dense'} or None, keyword-only
+        Lymphocyte density preset (:data:`wsi_hipe.synthetic.DENSITIES`): scattered single
+        lymphocytes, a few distinct clusters (~12 % of the tissue), or large confluent
+        infiltrates (~45 %). None (default): the seed's own draw (bit-identical to earlier
+        versions). The rest of the slide (tissue, other nuclei, optics) does not change.
 
     Returns
     -------
@@ -205,7 +213,7 @@ def render_region(
     if not isinstance(artefacts, (bool, np.bool_)):
         raise ValueError(f"artefacts must be True or False, got {artefacts!r}")
     artefacts = bool(artefacts)
-    p = slide_params(seed)
+    p = with_density(seed, slide_params(seed), density, slide_um)
 
     halo = blur_radius(p.psf_sigma_um / mpp) + 1
     if artefacts:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_hipe.errors import OutputError
+from wsi_hipe.synthetic._fields import DENSITIES
 from wsi_hipe.synthetic._params import CELL_CLASSES, check_int, check_mpp, check_seed, check_size
 from wsi_hipe.synthetic._render import render_region
 
@@ -79,6 +80,8 @@ class SyntheticSlide:
         (width, height) of each pyramid level.
     gt_downsample : int
         Level-0 px per ground-truth pixel.
+    density : str or None
+        The lymphocyte density preset (None: the seed's own).
     """
 
     path: Path
@@ -90,6 +93,7 @@ class SyntheticSlide:
     layout: str = "gray"
     level_dimensions: tuple[tuple[int, int], ...] = ()
     gt_downsample: int = 1
+    density: str | None = None
 
 
 def ground_truth_paths(path: str | Path) -> dict[str, Path]:
@@ -218,6 +222,7 @@ class _Plan:
     artefacts: bool
     workers: int
     ground_truth: bool
+    density: str | None = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -285,6 +290,7 @@ def _plan(
     ground_truth: bool,
     gt_downsample: int,
     workers: int,
+    density: str | None = None,
 ) -> _Plan:
     """Check :func:`write_slide`'s arguments (errors name the bad one) and resolve them."""
     path = Path(path)
@@ -295,6 +301,10 @@ def _plan(
     n_workers = check_int("workers", workers, minimum=1)
     if not isinstance(artefacts, (bool, np.bool_)):
         raise ValueError(f"artefacts must be True or False, got {artefacts!r}")
+    if density is not None and density not in DENSITIES:
+        raise ValueError(
+            f"density must be one of {sorted(DENSITIES)} or None (the seed's own), got {density!r}"
+        )
     if not path.parent.is_dir():
         raise OutputError(f"output folder {path.parent} does not exist; create it first")
     if path.is_dir():
@@ -320,6 +330,7 @@ def _plan(
         artefacts=bool(artefacts),
         workers=n_workers,
         ground_truth=bool(ground_truth),
+        density=density,
     )
 
 
@@ -330,6 +341,7 @@ def _render(plan: _Plan, x0: int, y0: int):
         "mpp": plan.mpp,
         "slide_size": (plan.width, plan.height),
         "artefacts": plan.artefacts,
+        "density": plan.density,
     }
     return render_region(x0, y0, tw, th, **kw)
 
@@ -470,6 +482,7 @@ def _write_files(
                 description=(
                     f"wsi-hipe synthetic Hoechst slide; seed={plan.seed}; mpp={plan.mpp}; "
                     f"layout={plan.layout}; artefacts={plan.artefacts}"
+                    + ("" if plan.density is None else f"; density={plan.density}")
                 ),
                 **common,
             )
@@ -502,6 +515,7 @@ def _write_meta(plan: _Plan, n_cells: dict[str, int]) -> None:
         "seed": plan.seed,
         "layout": plan.layout,
         "artefacts": plan.artefacts,
+        **({} if plan.density is None else {"density": plan.density}),
         "tile_size": plan.tile,
         "level_dimensions": [list(x) for x in plan.dims],
         "gt_downsample": d,
@@ -537,6 +551,7 @@ def write_slide(
     gt_downsample: int = 1,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 1,
+    density: str | None = None,
 ) -> SyntheticSlide:
     """Write a synthetic Hoechst slide as a tiled pyramidal TIFF, with its ground truth.
 
@@ -575,6 +590,9 @@ def write_slide(
     workers : int, keyword-only
         Threads rendering level-0 tiles ahead of the writer (numpy releases the GIL for much of
         the work). The output does not depend on it; memory grows by ~2 tiles per worker.
+    density : {'sparse', 'clustered', 'dense'} or None, keyword-only
+        Lymphocyte density preset (:data:`wsi_hipe.synthetic.DENSITIES`; see
+        :func:`render_region`); recorded in the ground-truth JSON. None: the seed's own.
 
     Returns
     -------
@@ -591,6 +609,7 @@ def write_slide(
         ground_truth=ground_truth,
         gt_downsample=gt_downsample,
         workers=workers,
+        density=density,
     )
     dims = plan.dims
     logger.info(
@@ -627,4 +646,5 @@ def write_slide(
         layout=plan.layout,
         level_dimensions=tuple(dims),
         gt_downsample=plan.d,
+        density=plan.density,
     )
