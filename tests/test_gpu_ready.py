@@ -356,6 +356,36 @@ def test_a_tile_task_runs_on_the_model_device(slide, cfg):
     assert set(model.input_devices) == {FAKE}
 
 
+# --- the compute dtype is part of an output's identity (issue 16) -----------------------------
+
+
+class Bf16Model(SegmentationModel):
+    """The same weights as a model that computes in bf16 (what CUDA autocast on an H200 gives):
+    only the reported compute dtype differs."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    def compute_dtype_on(self, device) -> torch.dtype:
+        return torch.bfloat16
+
+
+def test_an_output_resumes_only_in_the_dtype_it_was_computed_in(tmp_path, slide, cfg):
+    from wsi_hipe.errors import ResumeMismatchError
+    from wsi_hipe.omezarr import read_output
+
+    out = tmp_path / "cpu.ome.zarr"
+    first = pipeline.explain_slide(slide, out, config=cfg, model=tiny_model())
+    assert first.ok and first.computed > 0
+    assert read_output(out).provenance["model"]["compute_dtype"] == "float32"
+    again = pipeline.explain_slide(slide, out, config=cfg, model=tiny_model())
+    assert again.resumed == first.computed and again.computed == 0
+    bf16 = Bf16Model(BrightBlobNet(), ModelMeta(class_names=CLASSES), device="cpu")
+    with pytest.raises(ResumeMismatchError):
+        pipeline.explain_slide(slide, out, config=cfg, model=bf16)
+
+
 # --- the napari widget: models load in the run's worker thread (issue 16) ----------------------
 
 

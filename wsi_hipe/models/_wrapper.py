@@ -156,6 +156,15 @@ class SegmentationModel(nn.Module):
         pipeline makes it part of an output's identity (a resume needs the same one)."""
         return self._amp_dtype if self.autocast_enabled else torch.float32
 
+    def compute_dtype_on(self, device: str | torch.device | None) -> torch.dtype:
+        """:attr:`compute_dtype` once moved to ``device`` (resolved by :func:`resolve_device`,
+        ``"auto"`` as in this process), e.g. where workers will run a copy of this model."""
+        dev = resolve_device(device)
+        amp = autocast_dtype(dev.type, device_capability(dev))
+        if amp is None or self._autocast is False:
+            return torch.float32
+        return amp
+
     @property
     def _use_channels_last(self) -> bool:
         if self._channels_last is None:

@@ -27,6 +27,7 @@ from wsi_hipe.pipeline._inputs import (
     detect_tissue,
     load_for,
     runner_for,
+    task_device,
     tasks_model,
     wants_gpu,
 )
@@ -123,7 +124,8 @@ def explain_slide(
         check_model_for(model_obj, cfg)
         tissue, grid = _plan(slide_obj, cfg)
         slide_prov = slide_identity(slide_obj)
-        fingerprint, provenance = _identity(slide_obj, slide_prov, model_obj, cfg, grid)
+        dtype = _tasks_dtype(model_obj, cfg, runner)
+        fingerprint, provenance = _identity(slide_obj, slide_prov, model_obj, cfg, grid, dtype)
         store = _create_store(output, grid, cfg, slide_obj, fingerprint, provenance, overwrite)
         run = _SlideRun(store, grid, slide_obj, model_obj, cfg)
         todo, passes, records = run.resume(tissue, runner=runner, progress=progress)
@@ -167,10 +169,27 @@ def _plan(slide: Slide, cfg: Config):
     return tissue, grid
 
 
+def _tasks_dtype(model: SegmentationModel, cfg: Config, runner: Runner) -> str:
+    """The dtype the tiles are computed in ("float32", "bfloat16", ...): the model's own where
+    tasks share it, else that of its copies on :func:`task_device` (resolved here)."""
+    dtype = (
+        model.compute_dtype_on(task_device(model, cfg)) if runner.remote else model.compute_dtype
+    )
+    return str(dtype).removeprefix("torch.")
+
+
 def _identity(
-    slide: Slide, slide_prov: dict, model: SegmentationModel, cfg: Config, grid: TileGrid
+    slide: Slide,
+    slide_prov: dict,
+    model: SegmentationModel,
+    cfg: Config,
+    grid: TileGrid,
+    compute_dtype: str,
 ) -> tuple[str, dict[str, Any]]:
-    """The resume fingerprint of a run and the provenance stored with its output."""
+    """The resume fingerprint of a run and the provenance stored with its output.
+
+    The compute dtype is part of it: bf16 (CUDA autocast) and float32 give different arrays, so
+    an output begun in one does not resume in the other."""
     from wsi_hipe.omezarr import make_fingerprint
 
     model_id = model_identity(model)
@@ -185,11 +204,16 @@ def _identity(
                 "channel": getattr(slide, "channel", None),
             },
             "tiles": len(grid.tiles),
+            "compute_dtype": compute_dtype,
         }
     )
     provenance = {
         "slide": slide_prov,
-        "model": {**model.meta.to_json_dict(), "identity": model_id},
+        "model": {
+            **model.meta.to_json_dict(),
+            "identity": model_id,
+            "compute_dtype": compute_dtype,
+        },
         "config": cfg.to_dict(),
         "config_fingerprint": cfg.fingerprint(),
         "versions": package_versions(),
