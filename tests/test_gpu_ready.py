@@ -24,6 +24,7 @@ where tensors are and what crosses between host and device, not CUDA's kernels. 
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 
@@ -354,6 +355,51 @@ def test_a_tile_task_runs_on_the_model_device(slide, cfg):
         out = run_tile(job, spec=spec, slide=slide, model=model)
     assert out.record["status"] == "done" and out.saliency.max() > 0
     assert set(model.input_devices) == {FAKE}
+
+
+# --- the same on a real GPU (benchmarks/gpu_check.sh runs these) ------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_region_equals_the_cpu_region_window_for_window(slide, cfg):
+    """float32 on CUDA (TF32 off: exact_float32) selects the same windows as the CPU."""
+    from wsi_hipe.models import exact_float32, load_model
+
+    cuda = load_model(BrightBlobNet(), class_names=CLASSES, device="cuda", autocast=False)
+    with exact_float32():
+        res = pipeline.explain_region(slide, 0, 0, W, H, config=cfg, model=cuda)
+    ref = pipeline.explain_region(slide, 0, 0, W, H, config=cfg, model=tiny_model())
+    assert [t["passes"] for t in res.tiles] == [t["passes"] for t in ref.tiles]
+    scale = float(ref.saliency.max())
+    np.testing.assert_allclose(res.saliency, ref.saliency, rtol=1e-4, atol=1e-4 * scale)
+    assert (res.segmentation != ref.segmentation).mean() <= 1e-3  # argmax ties may flip
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_hipe_copies_nothing_to_the_device_per_batch():
+    """CUDA's own count (the profiler's memcpy records): at most one host→device copy per depth."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 64, 56, generator=gen).cuda()
+    weights = torch.rand(64, 56, generator=gen).cuda()
+    forward = lambda b: ((b[:, 0] * weights).flatten(1).sum(-1)) ** 2  # noqa: E731
+    hierarchical_perturbation(forward, x, batch_size=4, start_grid=2)  # warm up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        res = hierarchical_perturbation(forward, x, batch_size=4, start_grid=2)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    to_device = [n for n in names if "Memcpy HtoD" in n]
+    to_host = [n for n in names if "Memcpy DtoH" in n]
+    if not to_host:
+        pytest.skip("the profiler recorded no CUDA memcpy (CUPTI unavailable)")
+    batches = sum(math.ceil((m + (d == 0)) / 4) for d, m in enumerate(res.masks_per_depth))
+    assert len(to_device) <= res.depth < batches, (to_device, res.masks_per_depth)
 
 
 # --- the compute dtype is part of an output's identity (issue 16) -----------------------------
