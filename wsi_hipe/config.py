@@ -45,6 +45,7 @@ __all__ = [
     "SchedulerName",
     "JobqueueScheduler",
     "DeviceName",
+    "SlideReaderName",
     "SUBSTRATES",
     "METRIC_SUBSTRATES",
     "THRESHOLDS",
@@ -53,6 +54,7 @@ __all__ = [
     "SCHEDULERS",
     "JOBQUEUE_SCHEDULERS",
     "DEVICES",
+    "SLIDE_READERS",
     "canonical_substrate",
     "check_scheduler",
     "check_device",
@@ -83,6 +85,8 @@ JobqueueScheduler = Literal["slurm", "pbs", "lsf"]
 SchedulerName = Literal["sync", "threads", "processes", "local", JobqueueScheduler]
 #: Named devices; besides these, ``"cuda:N"`` (:func:`check_device`).
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+#: Slide readers (``slide.reader``, ``--reader``): ``"auto"`` decides from the file.
+SlideReaderName = Literal["auto", "openslide", "tiff", "ngff"]
 
 SUBSTRATES: tuple[str, ...] = get_args(Substrate)
 METRIC_SUBSTRATES: tuple[str, ...] = get_args(MetricSubstrate)
@@ -92,6 +96,7 @@ NGFF_VERSIONS: tuple[str, ...] = get_args(NgffVersion)
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 JOBQUEUE_SCHEDULERS: tuple[str, ...] = get_args(JobqueueScheduler)
 DEVICES: tuple[str, ...] = get_args(DeviceName)
+SLIDE_READERS: tuple[str, ...] = get_args(SlideReaderName)
 
 
 def canonical_substrate(name: str) -> str:
@@ -118,6 +123,20 @@ def check_device(value: str) -> str:
 
 _CHANNEL_NAMES = ("auto", "mean", "red", "green", "blue")
 
+
+def _channel_spec(value: Any, allowed: str) -> str | int:
+    """A channel as an index (``"2"`` -> 2), a lower-cased keyword, or a stripped name."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip().lower() in _CHANNEL_NAMES:
+        return value.strip().lower()
+    if isinstance(value, str) and value.strip():
+        return value.strip()  # a channel name: checked against the slide's channels
+    raise ValueError(f"must be {allowed} a channel name, got {value!r}")
+
+
 #: The U-Net's encoder halves the input four times, so a tile with its halo must be a
 #: multiple of 16 px on each side.
 _UNET_MULTIPLE = 16
@@ -134,27 +153,44 @@ class SlideConfig(_Section):
     ----------
     mpp : float or None
         µm per level-0 pixel; overrides the slide's metadata (needed when it has none).
-    channel : {"auto", "mean", 0, 1, 2, "red", "green", "blue"}
-        The stain channel of an RGB(A) slide; ``"auto"`` detects it (see
-        :func:`wsi_hipe.slide.open_slide`).
+    channel : "auto", "mean", int or str
+        The stain. RGB(A) slides: ``"auto"`` detects it, or ``"mean"``, 0/1/2,
+        ``"red"``/``"green"``/``"blue"``. Multi-channel files: ``"auto"`` (the nuclear stain
+        by name), a channel index or a channel name (case-insensitive, or a unique prefix),
+        checked against the file (see :func:`wsi_hipe.slide.open_slide`).
+    channels : list of int or str, or None
+        Channels of a multi-channel file fed to a model with ``in_channels > 1``, in order
+        (names or indices); None: the stain alone.
+    reader : {"auto", "openslide", "tiff", "ngff"}
+        The slide reader; ``"auto"`` decides from the file (:func:`wsi_hipe.slide.choose_reader`).
+    plane : int, str, mapping or None
+        The plane of a Z-stack or time series: ``3``, ``"z=3"``, ``"z=3,t=0"`` or ``{z: 3}``.
     allow_brightfield : bool
         Run on slides that look like RGB brightfield (H&E) instead of refusing them.
     """
 
     mpp: float | None = Field(default=None, gt=0)
     channel: str | int = "auto"
+    channels: tuple[str | int, ...] | None = None
+    reader: SlideReaderName = "auto"
+    plane: int | str | dict[str, int] | None = None
     allow_brightfield: bool = False
 
     @field_validator("channel", mode="before")
     @classmethod
     def _channel_option(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
-        if isinstance(value, str) and value.lower() in _CHANNEL_NAMES:
-            return value.lower()
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2:
-            return value
-        raise ValueError(f"must be 'auto', 'mean', 0/1/2 or 'red'/'green'/'blue', got {value!r}")
+        return _channel_spec(value, "'auto', 'mean', a channel index, 'red'/'green'/'blue' or")
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels_option(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):  # "DAPI,CD45" from a flag
+            value = [v for v in (p.strip() for p in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"must be a non-empty list of channel names or indices, got {value!r}")
+        return tuple(_channel_spec(v, "a channel index or") for v in value)
 
 
 class TilingConfig(_Section):
