@@ -290,6 +290,7 @@ def test_explain_cells_is_one_vector_run_equal_to_separate_runs():
     for k in range(2):
         own = out.cells.labels == k + 1
         label = np.bincount(regions[own]).argmax()
+        assert np.array_equal(out.regions == k + 1, regions == label)
         single = cell_scores(model, (regions == label).astype(np.int32))
         np.testing.assert_allclose(out.score[k], single(x[None]).item(), rtol=1e-6)
         res = hierarchical_perturbation(lambda b, f=single: f(b)[:, 0], x, **hipe)

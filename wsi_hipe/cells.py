@@ -720,6 +720,9 @@ class TileCells:
         Passes of the HiPe run (0 when nothing was explained).
     found : int
         Instances in the whole window (owned or not).
+    regions : (H, W) int32 ndarray
+        The owned cells' score regions, numbered as ``cells`` (0 elsewhere): cell ``k``'s score
+        is ``cell_scores(model, regions == k)``.
     """
 
     cells: Cells
@@ -729,6 +732,7 @@ class TileCells:
     tile_saliency: np.ndarray | None
     forward_passes: int
     found: int
+    regions: np.ndarray
 
 
 def explain_cells(
@@ -812,7 +816,7 @@ def explain_cells(
     summary = SaliencySummary.zeros(cells.n)
     targets = np.nonzero(explained)[0]
     if targets.size == 0 and tile_score is None:
-        return TileCells(cells, score, summary, status, None, 0, found.n)
+        return TileCells(cells, score, summary, status, None, 0, found.n, regions)
     lut = np.zeros(cells.n + 1, np.int32)
     lut[targets + 1] = np.arange(1, targets.size + 1, dtype=np.int32)
     extra = (tile_score,) if tile_score is not None else ()
@@ -828,4 +832,6 @@ def explain_cells(
         "cells: %d found, %d owned, %d explained in %d passes",
         found.n, cells.n, targets.size, result.forward_passes,
     )  # fmt: skip
-    return TileCells(cells, score, summary, status, tile_map, result.forward_passes, found.n)
+    return TileCells(
+        cells, score, summary, status, tile_map, result.forward_passes, found.n, regions
+    )
