@@ -229,8 +229,9 @@ def test_ome_without_physical_size_names_mpp(tmp_path):
     assert reader.mpp is None and reader.mpp_note is None
     with pytest.raises(MissingMppError, match="--mpp"):
         open_slide(reader)
-    slide = open_slide(reader, mpp=0.5, channel="mean")
-    assert slide.mpp == 0.5
+    slide = open_slide(reader, mpp=0.5, channel="dapi")
+    assert slide.mpp == 0.5 and slide.mpp_source == "override"
+    assert slide.channel == 0 and slide.channel_name == "DAPI"
     check_levels(reader, levs)
 
 
@@ -242,7 +243,7 @@ def test_implausible_physical_size_is_refused_with_its_value(tmp_path):
     assert "10000" in reader.mpp_note and "implausible" in reader.mpp_note
     with pytest.raises(MissingMppError, match="--mpp"):
         open_slide(reader)
-    assert open_slide(reader, mpp=0.65, channel="mean").mpp == 0.65
+    assert open_slide(reader, mpp=0.65).mpp == 0.65
 
 
 def _edit_ome(src: Path, dst: Path, old: str, new: str) -> None:
@@ -695,7 +696,8 @@ def test_real_visinity_ome_subifd_pyramid_without_physical_size(fluo):
     with pytest.raises(MissingMppError, match="--mpp"):
         open_slide(reader)
     _check_whole_levels(reader, path)
-    slide = open_slide(reader, mpp=0.5, channel="mean")
+    slide = open_slide(reader, mpp=0.5, channel="chan_1")
+    assert slide.channel == 1
     for mpp in (0.5, 1.0, 2.0, 4.0):  # every level is used
         assert slide.read(0, 0, 64, 64, mpp=mpp).shape == (64, 64)
     # OpenSlide opens it as generic TIFF but sees one level and no channels

@@ -34,10 +34,12 @@ from wsi_hipe.slide import (
     OpenSlideReader,
     Slide,
     SlideReader,
+    TiffReader,
     clear_reader_cache,
     iter_tiles,
     open_reader,
     open_slide,
+    reader_cached,
 )
 from wsi_hipe.tiling import make_grid
 
@@ -556,13 +558,15 @@ def test_array_reader_validation():
 
 def _read_in_child(blob):
     slide = pickle.loads(blob)
-    inherited = slide.path in openslide_mod._READERS  # the parent's handle must not be seen
+    inherited = reader_cached(slide.path)  # the parent's handle must not be seen
     image = slide.read(10, 20, 64, 48, mpp=1.0)
-    return os.getpid(), image, inherited, slide.path in openslide_mod._READERS
+    return os.getpid(), image, inherited, reader_cached(slide.path)
 
 
 def test_slide_pickles_as_path_and_reopens_in_another_process(gray_tiff):
     slide = open_slide(gray_tiff)
+    # A gray TIFF is read by tifffile; Slide keeps it in the cache of chosen readers.
+    assert isinstance(slide.reader, TiffReader) and slide.reader is slide.reader
     blob = pickle.dumps(slide)
     assert len(blob) < 4000  # path + options, no pixels, no handle
     expect = slide.read(10, 20, 64, 48, mpp=1.0)
@@ -571,7 +575,7 @@ def test_slide_pickles_as_path_and_reopens_in_another_process(gray_tiff):
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(1, mp_context=ctx) as pool:
         pid, got, inherited, cached = pool.submit(_read_in_child, blob).result(timeout=120)
-    assert slide.path in openslide_mod._READERS  # the parent holds a handle ...
+    assert reader_cached(slide.path)  # the parent holds a handle ...
     assert pid != os.getpid() and not inherited and cached  # ... the child opened its own
     np.testing.assert_array_equal(got, expect)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from wsi_hipe.config import DEVICES, NGFF_VERSIONS, SCHEDULERS
+from wsi_hipe.config import DEVICES, NGFF_VERSIONS, SCHEDULERS, SLIDE_READERS
 
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_hipe.pipeline import SlideResult, SlideStatus
@@ -248,7 +248,30 @@ OverwriteOpt = Annotated[
 ]
 ChannelOpt = Annotated[
     str | None,
-    typer.Option("--channel", help="Stain channel: auto, mean, 0/1/2 or red/green/blue."),
+    typer.Option(
+        "--channel",
+        help="Stain channel: auto (the nuclear stain by name), an index or a channel name "
+        "(DAPI, Hoechst; case-insensitive, unique prefix); RGB slides: mean, 0/1/2, red/green/blue.",
+    ),
+]
+ChannelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--channels",
+        help="Channels fed to a multi-input model, in order: names or indices, comma-separated "
+        "(slide.channels), e.g. DAPI,CD45.",
+    ),
+]
+ReaderOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reader",
+        help=f"Slide reader: {', '.join(SLIDE_READERS)} (slide.reader; auto decides from the file).",
+    ),
+]
+PlaneOpt = Annotated[
+    str | None,
+    typer.Option("--plane", help="Plane of a Z-stack or time series: 3, z=3 or z=3,t=0."),
 ]
 BrightfieldOpt = Annotated[
     bool | None,
@@ -290,6 +313,9 @@ def _overrides(**values: Any) -> dict[str, Any]:
         "max_depth": "hipe.max_depth",
         "floor": "score.floor",
         "channel": "slide.channel",
+        "channels": "slide.channels",
+        "reader": "slide.reader",
+        "plane": "slide.plane",
         "allow_brightfield": "slide.allow_brightfield",
     }
     return {keys[k]: v for k, v in values.items() if v is not None}
@@ -369,6 +395,9 @@ def run(
     max_depth: DepthOpt = None,
     floor: FloorOpt = None,
     channel: ChannelOpt = None,
+    channels: ChannelsOpt = None,
+    reader: ReaderOpt = None,
+    plane: PlaneOpt = None,
     allow_brightfield: BrightfieldOpt = None,
     print_job_script: JobScriptOpt = False,
 ) -> None:
@@ -381,6 +410,9 @@ def run(
             scheduler=scheduler,
             workers=workers,
             channel=channel,
+            channels=channels,
+            reader=reader,
+            plane=plane,
             allow_brightfield=allow_brightfield,
             mpp=mpp,
             target_mpp=target_mpp,
@@ -439,6 +471,9 @@ def batch(
     max_depth: DepthOpt = None,
     floor: FloorOpt = None,
     channel: ChannelOpt = None,
+    channels: ChannelsOpt = None,
+    reader: ReaderOpt = None,
+    plane: PlaneOpt = None,
     allow_brightfield: BrightfieldOpt = None,
     skip_errors: Annotated[
         bool,
@@ -457,6 +492,9 @@ def batch(
             scheduler=scheduler,
             workers=workers,
             channel=channel,
+            channels=channels,
+            reader=reader,
+            plane=plane,
             allow_brightfield=allow_brightfield,
             target_mpp=target_mpp,
             ngff=ngff,

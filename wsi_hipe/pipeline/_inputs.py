@@ -41,7 +41,13 @@ def as_slide(slide: SlideLike, cfg: Config) -> tuple[Slide, bool]:
     path = Path(slide)
     if not path.exists():
         raise SlideNotFoundError(f"slide not found: {path}; check the path")
-    kwargs: dict[str, Any] = {"mpp": cfg.slide.mpp, "channel": cfg.slide.channel}
+    kwargs: dict[str, Any] = {
+        "mpp": cfg.slide.mpp,
+        "channel": cfg.slide.channel,
+        "channels": cfg.slide.channels,
+        "reader": cfg.slide.reader,
+        "plane": cfg.slide.plane,
+    }
     if cfg.slide.allow_brightfield:
         kwargs["allow_brightfield"] = True
     return open_slide(str(path), **kwargs), True

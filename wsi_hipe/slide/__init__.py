@@ -10,6 +10,14 @@ Modules of this package
   BIF, Philips TIFF, DICOM, generic tiled TIFF, ...), slide paths and this process's handle
   cache (:func:`open_reader`); ``_array`` — :class:`ArrayReader`, an array in memory (tests,
   notebooks), with an optional pyramid.
+  ``_tiff`` — :class:`TiffReader` over tifffile (OME-TIFF, QPTIFF, plain tiled or striped
+  TIFF, any channel count and bit depth); ``_ngff`` — :class:`NgffReader`, an OME-Zarr image.
+  The last two are *channel readers* (``_multichannel``: raw channels at full precision, their
+  names and colours in :class:`ChannelInfo`), with ``_metadata`` (µm/px and levels from the
+  file) and ``_channels`` (choosing channels by name, planes, raw range).
+* ``_choose`` — which reader opens a path (:func:`choose_reader`: OpenSlide for the RGB
+  formats it reads, tifffile/Zarr for the rest; ``slide.reader`` forces one) and this
+  process's cache of opened readers (:func:`cached_reader`).
 * ``_resample`` — reading any reader at a target µm/px (level choice, exact box filter, reads in
   bounded blocks).
 * ``_stain`` — which channel holds the stain (or brightfield, inverted) and the intensity
@@ -30,20 +38,55 @@ next read).
 """
 
 from wsi_hipe.slide._array import ArrayReader
+from wsi_hipe.slide._channels import (
+    NUCLEAR_STAINS,
+    ChannelInfo,
+    check_model_channels,
+    nuclear_stain,
+    select_channel,
+    select_channels,
+)
+from wsi_hipe.slide._choose import (
+    READER_NAMES,
+    cached_reader,
+    choose_reader,
+    clear_reader_cache,
+    open_any_reader,
+    reader_cached,
+)
+from wsi_hipe.slide._multichannel import ChannelReader, ReaderChoice
+from wsi_hipe.slide._ngff import NgffReader, is_ngff
 from wsi_hipe.slide._openslide import (
     OpenSlideReader,
-    clear_reader_cache,
     open_reader,
     resolve_slide_path,
 )
 from wsi_hipe.slide._protocol import CLIP_MAX, SLIDE_SUFFIXES, SlideReader
 from wsi_hipe.slide._resample import LEVEL_RTOL
 from wsi_hipe.slide._slide import ANALYSIS_SIZE, Slide, TileData, iter_tiles, open_slide
+from wsi_hipe.slide._tiff import TiffReader, is_tiff
 
 __all__ = [
     "SlideReader",
     "OpenSlideReader",
+    "TiffReader",
+    "NgffReader",
     "ArrayReader",
+    "ChannelReader",
+    "ChannelInfo",
+    "ReaderChoice",
+    "choose_reader",
+    "open_any_reader",
+    "cached_reader",
+    "reader_cached",
+    "is_tiff",
+    "is_ngff",
+    "select_channel",
+    "select_channels",
+    "check_model_channels",
+    "nuclear_stain",
+    "NUCLEAR_STAINS",
+    "READER_NAMES",
     "Slide",
     "TileData",
     "open_slide",

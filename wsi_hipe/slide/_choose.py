@@ -25,9 +25,10 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from wsi_hipe.cache import ProcessCache
+from wsi_hipe.config import SLIDE_READERS, SlideReaderName
 from wsi_hipe.errors import SlideFormatError, SlideNotFoundError
 from wsi_hipe.slide._channels import PlaneSpec, parse_plane
 from wsi_hipe.slide._multichannel import ReaderChoice
@@ -42,15 +43,18 @@ __all__ = [
     "open_any_reader",
     "cached_reader",
     "evict_cached_reader",
+    "reader_cached",
+    "clear_reader_cache",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: ``slide.reader`` / ``--reader``.
-ReaderName = Literal["auto", "openslide", "tiff", "ngff"]
-READER_NAMES: tuple[str, ...] = get_args(ReaderName)
+#: ``slide.reader`` / ``--reader`` (the vocabulary lives in :mod:`wsi_hipe.config`).
+ReaderName = SlideReaderName
+READER_NAMES: tuple[str, ...] = SLIDE_READERS
 
-#: Open tifffile/OME-Zarr readers of this process (OpenSlide handles have their own cache).
+#: The readers of this process that :func:`cached_reader` opened (any backend), keyed by
+#: ``(path, reader option, plane)``. ``open_reader`` keeps OpenSlide handles opened by path alone.
 _CACHE: ProcessCache[Any] = ProcessCache("tifffile/zarr readers", maxsize=8, close_evicted=False)
 
 _VENDOR_FLAGS = (
@@ -230,3 +234,18 @@ def evict_cached_reader(
 ) -> None:
     """Forget this process's cached reader of ``path`` (the next call reopens it)."""
     _CACHE.pop(_cache_key(path, reader, plane))
+
+
+def reader_cached(
+    path: str | os.PathLike[str], *, reader: str = "auto", plane: PlaneSpec = None
+) -> bool:
+    """Whether this process holds a reader of ``path`` from :func:`cached_reader`."""
+    return _cache_key(path, reader, plane) in _CACHE
+
+
+def clear_reader_cache() -> None:
+    """Forget every cached slide reader of this process (both caches)."""
+    from wsi_hipe.slide._openslide import clear_reader_cache as clear_openslide
+
+    _CACHE.clear()
+    clear_openslide()

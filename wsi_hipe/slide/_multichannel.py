@@ -41,7 +41,10 @@ __all__ = [
     "ChannelReader",
     "ChannelReaderBase",
     "ReaderChoice",
+    "ChannelView",
+    "RawChannels",
     "read_channel_resampled",
+    "read_channels_resampled",
     "channel_thumbnail",
 ]
 
@@ -298,12 +301,19 @@ class ChannelReaderBase:
         """Release the file (subclasses close their handles)."""
 
 
-class _OneChannel:
-    """A :class:`SlideReader` view whose ``read_region`` returns one raw channel (h, w, 1)."""
+class ChannelView:
+    """A :class:`SlideReader` view whose ``read_region`` returns raw channels ``(h, w, k)``.
 
-    def __init__(self, reader: ChannelReader, channel: int) -> None:
+    :func:`~wsi_hipe.slide._resample.read_resampled` resamples it like any reader, with
+    :class:`RawChannels` as the extract, so raw channels get the same exact box filter as RGBA.
+    """
+
+    def __init__(self, reader: ChannelReader, channels: Sequence[int]) -> None:
+        n = len(reader.channels)
         self._reader = reader
-        self._channel = int(channel)
+        self.channels = tuple(int(c) for c in channels)
+        if not self.channels or any(not 0 <= c < n for c in self.channels):
+            raise ValueError(f"channels must be indices in 0..{n - 1}, got {channels!r}")
         self.path = reader.path
 
     @property
@@ -329,18 +339,32 @@ class _OneChannel:
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]
     ) -> np.ndarray:
-        return self._reader.read_channels(location, level, size, (self._channel,))
+        return self._reader.read_channels(location, level, size, self.channels)
 
     def get_thumbnail(self, max_size: int) -> np.ndarray:
-        raise NotImplementedError
+        raise NotImplementedError("a ChannelView is read through read_resampled")
 
     def close(self) -> None:
         pass
 
 
-def _first_channel(a: np.ndarray) -> np.ndarray:
-    """Extract for :func:`read_resampled`: the one raw channel as float32 (h, w)."""
-    return a[..., 0].astype(np.float32)
+@dataclass(frozen=True)
+class RawChannels:
+    """The extract of a :class:`ChannelView` of ``k`` channels: float32 raw values.
+
+    ``(h, w, k)`` samples become ``(h, w)`` for one channel, else ``(h, w, k)``. The
+    ``(1, 1, 4)`` probe with which ``read_resampled`` learns an extract's output shape gets the
+    shape of ``k`` channels.
+    """
+
+    k: int
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        if a.shape[-1] != self.k:  # read_resampled's shape probe
+            a = np.zeros((*a.shape[:-1], self.k), dtype=np.float32)
+        if self.k == 1:
+            return a[..., 0].astype(np.float32)
+        return a.astype(np.float32)
 
 
 def read_channel_resampled(
@@ -374,8 +398,27 @@ def read_channel_resampled(
     """
     if not 0 <= int(channel) < len(reader.channels):
         raise ValueError(f"channel must be in 0..{len(reader.channels) - 1}, got {channel!r}")
-    view = _OneChannel(reader, channel)
-    return read_resampled(view, x0, y0, width, height, scale, _first_channel)  # type: ignore[arg-type]
+    view = ChannelView(reader, (channel,))
+    return read_resampled(view, x0, y0, width, height, scale, RawChannels(1))  # type: ignore[arg-type]
+
+
+def read_channels_resampled(
+    reader: ChannelReader,
+    x0: float,
+    y0: float,
+    width: int,
+    height: int,
+    scale: float,
+    channels: Sequence[int],
+) -> np.ndarray:
+    """Several raw channels of a region, ``(height, width, len(channels))`` float32.
+
+    As :func:`read_channel_resampled`, in one read per block for all channels.
+    """
+    view = ChannelView(reader, channels)
+    extract = RawChannels(len(view.channels))
+    out = read_resampled(view, x0, y0, width, height, scale, extract)  # type: ignore[arg-type]
+    return out if out.ndim == 3 else out[..., None]
 
 
 def channel_thumbnail(reader: ChannelReader, max_size: int, channel: int) -> np.ndarray:

@@ -251,6 +251,7 @@ def intensity_range(
     mpp: float,
     path: str,
     read_raw: ReadRaw,
+    min_contrast: float = 1.0,
 ) -> tuple[float, float, str]:
     """``(low, high, how)`` raw stain values mapped to 0 and 1, from the thumbnail.
 
@@ -266,6 +267,9 @@ def intensity_range(
         µm per level-0 px of the slide; ``path`` names it in the log.
     read_raw : ReadRaw
         Reads a region of the slide (the tissue samples).
+    min_contrast : float, default 1.0
+        Smallest ``high - low`` in raw units (one count of 8/16-bit samples; ``raw_max / 255``
+        for float samples in 0..1).
     """
     values = stain[scanned] if scanned.any() else stain.ravel()
     low = float(np.percentile(values, LOW_PERCENTILE))
@@ -291,14 +295,15 @@ def intensity_range(
     else:
         high = float(np.percentile(stain[tissue], HIGH_PERCENTILE)) if tissue.any() else low
         source = f"p{HIGH_PERCENTILE:g} of {where} px"
-    if high - low < 1.0:
+    if high - low < min_contrast:
         logger.warning(
-            "%s: the thumbnail has almost no contrast (low %.3g, high %.3g); using high = low + 1",
+            "%s: the thumbnail has almost no contrast (low %.3g, high %.3g); using high = low + %g",
             path,
             low,
             high,
+            min_contrast,
         )
-        high = low + 1.0
+        high = low + min_contrast
     how = (
         f"thumbnail {stain.shape[1]}x{stain.shape[0]}: low = p{LOW_PERCENTILE:g} of scanned "
         f"px, high = {source}; x -> clip((x - low) / (high - low), 0, {CLIP_MAX:g})"
