@@ -245,3 +245,153 @@ def test_run_evaluation_cell_target_tiny():
     record = res.records[0]
     assert " cell " in record["sample"] and record["forward_passes"] == 8
     assert record["clean_score"] > 0
+
+
+# --- slide-level evaluation -------------------------------------------------------------------
+
+SLIDE_PIPELINE = {
+    "tiling.tile_size": 64,
+    "tiling.halo": 16,
+    "score.floor": 1.0,
+    "hipe.batch_size": 16,
+}
+
+
+def slide_config(**extra):
+    """A slide evaluation small enough for a test: one 256 px slide, 96 px tiles."""
+    overrides = {
+        "slides.size": 256,
+        "slides.seeds": [0],
+        "slides.densities": ["clustered"],
+        "grid.substrates": ["fade", "background"],
+        "grid.depths": [{"start_grid": 4, "max_depth": 2}],
+        "faithfulness.tiles_per_slide": 2,
+        "faithfulness.step_fraction": 0.25,
+        "faithfulness.substrates": ["fade", "blur"],
+        "sanity.seeds": [0],
+        "sanity.substrates": ["fade"],
+        "sanity.depth": {"start_grid": 4, "max_depth": 2},
+        **extra,
+    }
+    config = evaluation.load_slide_evaluation_config(None, overrides=overrides)
+    return config.model_copy(update={"pipeline": dict(SLIDE_PIPELINE)})
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter():
+    from _pipeline_support import tiny_model
+
+    return tiny_model()
+
+
+def test_slide_map_equals_the_pipelines_output(tmp_path, tiny_segmenter):
+    """The evaluation tiles, skips and explains exactly as explain_slide does."""
+    from wsi_hipe.omezarr import read_output
+    from wsi_hipe.pipeline import explain_slide
+
+    config = slide_config(**{"grid.substrates": ["fade"], "faithfulness.tiles_per_slide": 0})
+    config = config.model_copy(update={"sanity": config.sanity.model_copy(update={"seeds": []})})
+    res = evaluation.run_slide_evaluation(
+        config, out=tmp_path / "eval", model=tiny_segmenter, keep_maps=True
+    )
+    (key,) = [k for k in res.maps]
+    ours = res.maps[key]
+    slide = Path(res.settings["slides"][0])
+    pipeline = {
+        **SLIDE_PIPELINE,
+        "hipe.substrate": "fade",
+        "hipe.threshold": "mid-range",
+        "hipe.start_grid": 4,
+        "hipe.max_depth": 2,
+    }
+    run = explain_slide(slide, tmp_path / "out.ome.zarr", config=pipeline, model=tiny_segmenter)
+    view = read_output(run.output)
+    theirs = np.asarray(view.saliency[0])
+    assert ours.shape == theirs.shape
+    assert theirs.max() > 0
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6 * float(theirs.max()))
+    (row,) = res.slides
+    records = [t for t in view.tiles if t["status"] in ("done", "skipped")]
+    assert row["tissue_tiles"] == len(records)
+    assert row["explained_tiles"] == sum(t["status"] == "done" for t in records)
+    assert row["passes_per_tile"] == pytest.approx(np.mean([t["passes"] for t in records]))
+
+
+def test_slide_evaluation_tables_resume_and_sanity(tmp_path, tiny_segmenter):
+    config = slide_config()
+    out = tmp_path / "eval"
+    res = evaluation.run_slide_evaluation(config, out=out, model=tiny_segmenter)
+    assert [r["setting"] for r in res.slides] == [
+        "fade · mid-range · 4×2",
+        "background · mid-range · 4×2",
+    ]
+    for r in res.slides:
+        assert 0.0 <= r["auroc"] <= 1.0
+        assert 0.0 <= r["relevance_mass"] <= 1.0
+        assert r["finest_cell_px"] == 12.0  # 96 px tiles: 4 cells of 24 px, then 12 px
+        assert r["passes_per_tile"] >= 1
+        assert r["densest_rank"] >= 1
+    # chance = the class share of the (ground-truth) tissue
+    import tifffile
+
+    from wsi_hipe.synthetic import ground_truth_paths
+
+    gt = ground_truth_paths(res.settings["slides"][0])
+    lymph = tifffile.imread(gt["lymphocytes"]) > 0
+    tissue = tifffile.imread(gt["tissue"]) > 0
+    assert res.slides[0]["mass_chance"] == pytest.approx(lymph[tissue].mean())
+    # faithfulness: the random control and both settings, every metric substrate, 2 tiles
+    subs = {(r["setting"], r["metric_substrate"]) for r in res.faithfulness}
+    assert {s for s, _ in subs} == {"random", *[r["setting"] for r in res.slides]}
+    assert {m for _, m in subs} == {"fade", "blur"}
+    assert len(res.faithfulness) == 3 * 2 * 2
+    # sanity: every stage of the tiny model (its one conv) and the random model
+    assert [r["stage"] for r in res.sanity] == ["network.conv", "random model"]
+    for r in res.sanity:
+        assert -1.0 <= r["spearman"] <= 1.0
+    text = res.to_markdown()
+    assert "Faithfulness on tiles" in text and "random model" in text
+    for name in ("slide_summary.md", "slides.csv", "faithfulness.csv", "sanity.csv"):
+        assert (out / name).is_file()
+    # A rerun resumes: nothing is recomputed, the tables are the same.
+    lines = (out / "records.jsonl").read_text().count("\n")
+    again = evaluation.run_slide_evaluation(config, out=out, model=tiny_segmenter)
+    assert (out / "records.jsonl").read_text().count("\n") == lines
+    assert again.slides == res.slides and again.sanity == res.sanity
+    # Another metric setting may not be mixed into the same folder.
+    other = slide_config(**{"faithfulness.step_fraction": 0.5})
+    with pytest.raises(ConfigError, match="another"):
+        evaluation.run_slide_evaluation(other, out=out, model=tiny_segmenter)
+
+
+def test_slide_evaluation_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="grid.substrates"):
+        evaluation.load_slide_evaluation_config(None, overrides={"grid.substrates": ["zeros"]})
+    with pytest.raises(ConfigError, match="slides.densities"):
+        evaluation.load_slide_evaluation_config(None, overrides={"slides.densities": ["packed"]})
+    with pytest.raises(ConfigError, match="not found"):
+        evaluation.load_slide_evaluation_config(tmp_path / "missing.yaml")
+    config = evaluation.load_slide_evaluation_config(
+        REPO / "configs" / "evaluate_slide.yaml", overrides={"pipeline.tiling.halo": 32}
+    )
+    assert config.pipeline["tiling.halo"] == 32 and config.pipeline["tiling.tile_size"] == 256
+    # "zero" is still read as "fade"
+    old = evaluation.load_slide_evaluation_config(None, overrides={"grid.substrates": ["zero"]})
+    assert old.grid.substrates == ["fade"]
+
+
+def test_model_stages_of_the_bundled_unet():
+    from wsi_hipe.models import load_model
+
+    stages = evaluation.model_stages(load_model("bundled", device="cpu"))
+    assert stages[:2] == ["network.segmentation_head", "network.decoder"]
+    assert stages[2:] and all(s.startswith("network.encoder.") for s in stages[2:])
+    assert stages[-1] == "network.encoder.conv1"  # the stem last
+
+
+def test_setting_labels_and_cell_sizes():
+    s = evaluation.Setting("fade", "mid-range", 4, 2)
+    assert s.key == "fade · mid-range · 4×2"
+    assert s.finest_cell_px(288) == 36.0
+    assert evaluation.Setting("mean", "mean", 9, 3).finest_cell_px(288) == 8.0
+    assert evaluation.Setting("mean", "mid-range", None, None).finest_cell_px(288) == 4.5

@@ -6,7 +6,14 @@ computes the map with :func:`wsi_hipe.baselines.explain` and scores it with
 AUC (fade substrate: zeros), the pointing game and the relevance mass inside the ground truth. The
 result is one row per (sample, method) and one summary row per method, as markdown or CSV.
 
-Three entry points, from generic to turnkey:
+Slide scale (:func:`run_slide_evaluation`, ``configs/evaluate_slide.yaml``, ``wsi-hipe evaluate
+--slide``): HiPe settings (substrate × threshold × depth) on whole synthetic slides at three
+lymphocyte densities, tiled as the pipeline tiles them; localisation against the ground truth
+(AUROC class vs other nuclei, relevance mass with chance, per-tile Spearman, the densest tile's
+rank), faithfulness on tiles with the metric's substrate varied, cascading model randomisation
+and a random model, passes per tile (:mod:`wsi_hipe.evaluation._slide`).
+
+Tile scale, three entry points, from generic to turnkey:
 
 - :func:`evaluate_samples` - any scalar ``forward`` and any samples (tests use tiny models);
 - :func:`synthetic_samples` - synthetic Hoechst tiles with lymphocyte instance ground truth;
@@ -36,6 +43,18 @@ from wsi_hipe.evaluation._run import (
     run_evaluation,
     synthetic_samples,
 )
+from wsi_hipe.evaluation._slide import (
+    Setting,
+    grid_settings,
+    model_stages,
+    run_slide_evaluation,
+    synthetic_slide_set,
+)
+from wsi_hipe.evaluation._slide_config import (
+    SlideEvaluationConfig,
+    load_slide_evaluation_config,
+)
+from wsi_hipe.evaluation._slide_results import SlideEvaluationResult
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -47,10 +66,18 @@ __all__ = [
     "MethodSpec",
     "MetricsSection",
     "Sample",
+    "Setting",
+    "SlideEvaluationConfig",
+    "SlideEvaluationResult",
     "TilesSection",
     "centre_cell",
     "evaluate_samples",
+    "grid_settings",
     "load_evaluation_config",
+    "load_slide_evaluation_config",
+    "model_stages",
     "run_evaluation",
+    "run_slide_evaluation",
     "synthetic_samples",
+    "synthetic_slide_set",
 ]
