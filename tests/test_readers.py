@@ -761,3 +761,163 @@ def test_real_imagej_overview(fluo):
     assert reader.vendor == "imagej-tiff" and reader.mpp is None
     assert reader.level_dimensions == ((638, 473),)
     _check_whole_levels(reader, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Slides of multi-channel files: the stain by name at full precision, the model's channels
+# --------------------------------------------------------------------------------------------
+
+
+def _box_mean(a: np.ndarray, d: int) -> np.ndarray:
+    h, w = a.shape[0] // d, a.shape[1] // d
+    return a[: h * d, : w * d].astype(np.float64).reshape(h, d, w, d).mean(axis=(1, 3))
+
+
+def test_stain_of_a_16bit_channel_is_read_at_full_precision(tmp_path):
+    data = make_data(h=256, w=320, top=65536, seed=4)
+    path = tmp_path / "s.ome.tiff"
+    write_ome_subifds(path, data, levels=2, bits=16, names=["CD3", "DAPI", "CD20"])
+    raw = open_slide(path, normalize=False)
+    assert raw.channel == 1 and raw.channel_name == "DAPI"
+    # x / raw_max of the raw uint16 samples: no 8-bit rounding on the way
+    got = raw.read(10, 20, 64, 48, mpp=0.325)
+    np.testing.assert_allclose(got, data[1, 20:68, 10:74] / 65535.0, rtol=1e-6, atol=1e-7)
+    coarse = raw.read(8, 4, 30, 20, mpp=0.65 * 1.5)  # level 1, resampled by 1.5
+    assert coarse.shape == (20, 30) and np.unique(np.round(coarse * 65535)).size > 256
+    slide = open_slide(path)
+    low, high = slide.intensity
+    assert 0 < low < high < 65535  # percentiles of the raw range
+    expect = np.clip((data[1, 20:68, 10:74].astype(np.float64) - low) / (high - low), 0, 1.5)
+    np.testing.assert_allclose(slide.read(10, 20, 64, 48, mpp=0.325), expect, atol=1e-5)
+    prov = slide.provenance()
+    assert prov["channel_name"] == "DAPI" and prov["raw_max"] == 65535.0
+    assert prov["channel_names"] == ["CD3", "DAPI", "CD20"] and prov["dtype"] == "uint16"
+    assert prov["reader"] == "TiffReader" and "OME-TIFF" in prov["reader_choice"]
+    assert prov["mpp_source"] == "OME PhysicalSizeX/Y"
+
+
+def test_a_12bit_channel_is_scaled_on_its_12_bits(tmp_path):
+    data = make_data(h=64, w=64, top=4096)
+    path = tmp_path / "s.ome.tiff"
+    write_ome_subifds(path, data, levels=1, bits=12)
+    slide = open_slide(path, channel="cd20", normalize=False)
+    np.testing.assert_allclose(
+        slide.read(0, 0, 64, 64, mpp=0.325), data[2] / 4095.0, rtol=1e-6, atol=1e-7
+    )
+    assert slide.provenance()["raw_max"] == 4095.0
+
+
+def test_slide_channels_feed_the_model_in_order(tmp_path):
+    data = make_data(h=128, w=160, top=4096, seed=2)
+    path = tmp_path / "s.ome.tiff"
+    write_ome_subifds(path, data, levels=1, bits=12)  # DAPI, CD3, CD20
+    slide = open_slide(path, channels=["cd20", "DAPI"])
+    x = slide.read_input(5, 7, 40, 30, mpp=0.325)
+    assert x.shape == (2, 30, 40) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[1], slide.read(5, 7, 40, 30, mpp=0.325))  # DAPI = stain
+    cd20 = open_slide(path, channel="CD20")  # its own percentiles, as when it is the stain
+    np.testing.assert_allclose(x[0], cd20.read(5, 7, 40, 30, mpp=0.325), atol=1e-6)
+    assert [c.name for c in slide.input_channels] == ["CD20", "DAPI"]
+    slide.check_model(2, ["CD20", "Hoechst"])  # nuclear stains stand in for each other
+    slide.check_model(2, None)
+    with pytest.raises(StainError, match=r"input 0: trained on 'CD3', slide gives 'CD20'"):
+        slide.check_model(2, ["CD3", "DAPI"])
+    with pytest.raises(StainError, match=r"takes 3 input channel.*--channels.*'DAPI', 'CD3'"):
+        slide.check_model(3)
+    prov = slide.provenance()["input_channels"]
+    assert [c["index"] for c in prov] == [2, 0] and prov[0]["intensity_high"] > 0
+    # the default input is the stain alone
+    plain = open_slide(path)
+    np.testing.assert_array_equal(
+        plain.read_input(0, 0, 16, 16, mpp=0.325), plain.read(0, 0, 16, 16, mpp=0.325)[None]
+    )
+    plain.check_model(1, ["Hoechst"])
+    with pytest.raises(StainError, match="trained on 'CD45', slide gives 'DAPI'"):
+        plain.check_model(1, ["CD45"])
+    with pytest.raises(StainError, match="twice"):
+        open_slide(path, channels=["DAPI", 0])
+    with pytest.raises(StainError, match="no channel named 'CD8'"):
+        open_slide(path, channels=["DAPI", "CD8"])
+
+
+def test_slide_channels_need_a_multichannel_file(tmp_path):
+    rgb = np.zeros((128, 128, 3), np.uint8)
+    rgb[..., 2] = make_data(c=1, h=128, w=128, dtype=np.uint8, top=256)[0]
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb", tile=(64, 64), resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER", metadata=None)  # fmt: skip
+    assert choose_reader(path).kind == "openslide"
+    with pytest.raises(StainError, match=r"slide\.channels.*read as RGB.*slide\.channel"):
+        open_slide(path, channels=["blue"])
+    slide = open_slide(path)
+    assert slide.channel == 2 and slide.input_channels[0].name == "nuclear stain"
+
+
+# --------------------------------------------------------------------------------------------
+# The synthetic multiplex OME-TIFF (wsi_hipe.synthetic.write_ome_tiff)
+# --------------------------------------------------------------------------------------------
+
+
+def test_synthetic_ome_tiff(tmp_path):
+    from wsi_hipe.synthetic import render_multiplex_region, render_region, write_ome_tiff
+
+    size, seed = (300, 200), 1
+    written = write_ome_tiff(tmp_path / "m.ome.tiff", size=size, channels=6, seed=seed,
+                             tile_size=64, bits=12, artefacts=False)  # fmt: skip
+    reader = TiffReader(written.path)
+    assert choose_reader(written.path).kind == "tiff"
+    names = ("Hoechst", "CD45", "PanCK", "CD3", "Ki67", "Marker 5")
+    assert reader.channel_names == names == written.channel_names
+    assert reader.channels[0].color == (0, 0, 255) and reader.channels[1].color == (0, 255, 0)
+    assert reader.mpp == 0.5 and reader.mpp_source == "OME PhysicalSizeX/Y"
+    assert reader.raw_max == 4095 and reader.dtype == np.uint16
+    dims = ((300, 200), (150, 100), (75, 50), (38, 25))  # halving down to one 64 px tile
+    assert reader.level_dimensions == dims == written.level_dimensions
+    with tifffile.TiffFile(written.path) as tif:
+        assert len(tif.pages[0].subifds) == 3 and len(tif.series[0].levels) == 4
+        levels = [lv.asarray() for lv in tif.series[0].levels]
+    # channel 0 is the Hoechst render, quantised as write_slide does
+    hoechst = render_region(0, 0, *size, seed=seed, slide_size=size, artefacts=False).image
+    np.testing.assert_array_equal(levels[0][0], np.floor(hoechst * 4095 + 0.5).astype(np.uint16))
+    # each level is the 2x2 mean (rounded half up) of the level above
+    for k in (1, 2, 3):
+        above = levels[k - 1].astype(np.int64)
+        for c in range(6):
+            padded = np.pad(above[c], ((0, above.shape[1] % 2), (0, above.shape[2] % 2)), "edge")
+            means = (_box_mean(padded, 2) * 4 + 2) // 4
+            np.testing.assert_array_equal(levels[k][c], means.astype(np.uint16))
+    # the reader gives the same samples through its Zarr store, and the slide picks Hoechst
+    check_levels(reader, [lv for lv in levels], chans=(0, 3, 5))
+    assert open_slide(written.path).channel_name == "Hoechst"
+    # CD45 rings the lymphocytes: bright just outside their nuclei, dark inside them
+    image, region = render_multiplex_region(0, 0, *size, channels=6, seed=seed, slide_size=size,
+                                            artefacts=False)  # fmt: skip
+    np.testing.assert_array_equal(levels[0], np.floor(image * 4095 + 0.5).astype(np.uint16))
+    from scipy import ndimage
+
+    lymph = region.lymphocytes > 0
+    assert lymph.sum() > 200
+    ring = ndimage.binary_dilation(lymph, iterations=2) & ~lymph & ~region.nuclei
+    tissue_far = region.tissue & ~ndimage.binary_dilation(lymph, iterations=8)
+    assert image[1][ring].mean() > 4 * image[1][tissue_far].mean()
+    assert image[1][ring].mean() > 2 * image[1][lymph].mean()
+    assert image[5][ring].mean() < 2 * image[5][tissue_far].mean()  # autofluorescence only
+    # a window is the crop of a larger one (noise included)
+    part, _ = render_multiplex_region(100, 50, 60, 40, channels=6, seed=seed, slide_size=size,
+                                      artefacts=False)  # fmt: skip
+    np.testing.assert_array_equal(part, image[:, 50:90, 100:160])
+
+
+def test_synthetic_ome_tiff_bad_arguments(tmp_path):
+    from wsi_hipe.errors import OutputError
+    from wsi_hipe.synthetic import write_ome_tiff
+
+    with pytest.raises(ValueError, match="bits"):
+        write_ome_tiff(tmp_path / "a.ome.tiff", size=64, bits=10)
+    with pytest.raises(ValueError, match="channels"):
+        write_ome_tiff(tmp_path / "a.ome.tiff", size=64, channels=0)
+    with pytest.raises(ValueError, match="tile_size"):
+        write_ome_tiff(tmp_path / "a.ome.tiff", size=64, tile_size=40)
+    with pytest.raises(OutputError, match="does not exist"):
+        write_ome_tiff(tmp_path / "no" / "a.ome.tiff", size=64)
+    assert not list(tmp_path.iterdir())

@@ -663,30 +663,62 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, int(match.group(2)) if match.group(2) else width
 
 
+SYNTH_FORMATS = ("tiff", "ome-tiff")
+
+
 @app.command()
 def synth(
-    output: Annotated[Path, typer.Argument(help="The slide to write (.tiff).")],
+    output: Annotated[Path, typer.Argument(help="The slide to write (.tiff or .ome.tiff).")],
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT in px, or one number.")] = "2048x1536",
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same slide.")] = 0,
     mpp: Annotated[float, typer.Option(help="µm per px.")] = 0.5,
-    layout: Annotated[str, typer.Option(help="gray (one channel) or rgb (Hoechst in blue).")] = (
-        "gray"
-    ),
+    layout: Annotated[
+        str, typer.Option(help="--format tiff: gray (one channel) or rgb (Hoechst in blue).")
+    ] = "gray",
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="tiff (a pyramidal TIFF that OpenSlide opens, with ground truth) or ome-tiff "
+            "(a multiplex OME-TIFF with SubIFD levels: Hoechst, CD45, PanCK, CD3, Ki67, ...).",
+        ),
+    ] = "tiff",
+    channels: Annotated[
+        int, typer.Option("--channels", min=1, help="--format ome-tiff: number of channels.")
+    ] = 3,
+    bits: Annotated[int, typer.Option(help="--format ome-tiff: 8, 12 or 16 bits.")] = 16,
     artefacts: Annotated[
         bool, typer.Option("--artefacts/--no-artefacts", help="Blur, debris, folds.")
     ] = True,
 ) -> None:
-    """Write a synthetic Hoechst slide (tiled pyramidal TIFF) with its ground truth."""
-    from wsi_hipe.synthetic import write_slide
+    """Write a synthetic Hoechst slide (tiled pyramidal TIFF with its ground truth, or a
+    multiplex OME-TIFF)."""
+    from wsi_hipe.synthetic import write_ome_tiff, write_slide
 
+    if format_ not in SYNTH_FORMATS:
+        raise typer.BadParameter(f"--format must be one of {list(SYNTH_FORMATS)}, got {format_!r}")
     if layout not in ("gray", "rgb"):
         raise typer.BadParameter(f"layout must be 'gray' or 'rgb', got {layout!r}")
+    if bits not in (8, 12, 16):
+        raise typer.BadParameter(f"--bits must be 8, 12 or 16, got {bits}")
     width, height = _parse_size(size)
     with _errors():
-        written = write_slide(
-            output, size=(width, height), seed=seed, mpp=mpp, layout=layout, artefacts=artefacts
-        )
-    logger.info("wrote %s (%s cells)", written.path, written.n_cells)
+        if format_ == "ome-tiff":
+            written = write_ome_tiff(
+                output,
+                size=(width, height),
+                channels=channels,
+                seed=seed,
+                mpp=mpp,
+                bits=bits,
+                artefacts=artefacts,
+            )
+            logger.info("wrote %s (channels %s)", written.path, ", ".join(written.channel_names))
+        else:
+            slide = write_slide(
+                output, size=(width, height), seed=seed, mpp=mpp, layout=layout, artefacts=artefacts
+            )
+            logger.info("wrote %s (%s cells)", slide.path, slide.n_cells)
     typer.echo(str(output))
 
 

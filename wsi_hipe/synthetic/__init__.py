@@ -2,11 +2,18 @@
 
 ``render_region`` renders any window of a virtual slide (a pure function of seed, µm/px and slide
 size), ``render_tile`` a random training tile, ``write_slide`` a tiled pyramidal TIFF that
-OpenSlide opens, with lymphocyte / nuclei / tissue masks and a cell table beside it.
+OpenSlide opens, with lymphocyte / nuclei / tissue masks and a cell table beside it;
+``write_ome_tiff`` the same Hoechst slide as a multiplex pyramidal OME-TIFF (Hoechst + markers).
 ``density`` (:data:`DENSITIES`: sparse, clustered, dense) fixes how many lymphocytes a slide has.
 """
 
 from wsi_hipe.synthetic._fields import DENSITIES
+from wsi_hipe.synthetic._ometiff import (
+    MARKERS,
+    SyntheticOmeTiff,
+    render_multiplex_region,
+    write_ome_tiff,
+)
 from wsi_hipe.synthetic._render import (
     CELL_CLASSES,
     SyntheticRegion,
@@ -19,6 +26,10 @@ __all__ = [
     "CELL_CLASSES",
     "DENSITIES",
     "LAYOUTS",
+    "MARKERS",
+    "SyntheticOmeTiff",
+    "render_multiplex_region",
+    "write_ome_tiff",
     "SyntheticRegion",
     "SyntheticSlide",
     "ground_truth_paths",
