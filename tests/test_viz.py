@@ -7,13 +7,21 @@ import pytest
 
 from wsi_hipe import slide as slide_mod
 from wsi_hipe.omezarr import SEGMENTATION_COLORS, create_output, read_output
-from wsi_hipe.viz import overview_images, overview_png
+from wsi_hipe.viz import overview_figure, overview_images, overview_png, saliency_units
 
 SHAPE, CHUNK = (64, 96), 16
 MPP, SLIDE_MPP = 1.0, 0.5  # 2 slide px per output px
 
 
-def _output(path, *, blob: bool = True, finalize: bool = True, slide_path="/nowhere/slide.tif"):
+def _output(
+    path,
+    *,
+    blob: bool = True,
+    finalize: bool = True,
+    slide_path="/nowhere/slide.tif",
+    provenance=None,
+    tissue=None,
+):
     store = create_output(
         path,
         shape=SHAPE,
@@ -21,8 +29,10 @@ def _output(path, *, blob: bool = True, finalize: bool = True, slide_path="/nowh
         mpp=MPP,
         slide_mpp=SLIDE_MPP,
         fingerprint="viz",
-        provenance={"slide": {"path": slide_path}},
+        provenance={"slide": {"path": slide_path}, **(provenance or {})},
     )
+    if tissue is not None:
+        store.write_tissue(tissue)
     sal = np.zeros(SHAPE, np.float32)
     if blob:
         sal[8:24, 8:24] = 1.0  # salient: the top-left area only
@@ -117,3 +127,39 @@ def test_overview_png_is_written_and_salient_pixels_differ(tmp_path):
 def test_bad_max_size_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="max_size"):
         overview_images(_output(tmp_path / "o.ome.zarr"), max_size=0)
+
+
+PIPELINE_PROVENANCE = {
+    "config": {"score": {"kind": "area", "class": 1}},
+    "model": {"class_names": ["background", "lymphocyte", "nucleus"]},
+}
+
+
+def test_saliency_units_follow_the_score():
+    assert saliency_units(PIPELINE_PROVENANCE) == "px² of expected lymphocyte area per pixel"
+    mean = {**PIPELINE_PROVENANCE, "config": {"score": {"kind": "mean", "class": 2}}}
+    assert saliency_units(mean) == "mean nucleus probability per pixel"
+    assert saliency_units({"config": {"score": {"kind": "logit", "class": 4}}}) == (
+        "class 4 logit sum per pixel"
+    )
+    assert saliency_units({}) == "score units per pixel"
+
+
+def test_colour_bar_is_labelled_in_units_and_the_tissue_is_outlined(tmp_path):
+    tissue = np.zeros(SHAPE, bool)
+    tissue[4:60, 4:70] = True
+    path = _output(tmp_path / "o.ome.zarr", provenance=PIPELINE_PROVENANCE, tissue=tissue)
+    ov = overview_images(path, max_size=48)
+    np.testing.assert_array_equal(ov.tissue, tissue[::2, ::2])  # level 1 of the tissue label
+    assert ov.units == "px² of expected lymphocyte area per pixel"
+    fig = overview_figure(path, max_size=48)
+    bar = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert len(bar) == 1 and bar[0].get_ylabel().replace("\n", " ") == ov.units
+    left, right = (ax for ax in fig.axes if ax.images)
+    for ax in (left, right):  # one contour line around the tissue on each panel
+        assert len(ax.collections) == 1
+    labels = [t.get_text() for t in right.get_legend().get_texts()]
+    assert "tissue outline" in labels
+    # Without a tissue label there is nothing to outline.
+    bare = overview_figure(_output(tmp_path / "b.ome.zarr"), max_size=48)
+    assert all(len(ax.collections) == 0 for ax in bare.axes if ax.images)

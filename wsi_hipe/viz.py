@@ -1,5 +1,11 @@
 """A PNG overview of a wsi-hipe output: saliency over the slide, and the segmentation.
 
+The saliency panel has a colour bar in the saliency's own units, which are the explained
+score's: HiPe adds up score drops, so with the default score (the expected lymphocyte area of
+a tile's core, in px² at the target resolution) a pixel's value is in px² of expected
+lymphocyte area, and every tile shares one colour scale (0 to the output's largest value), so
+tiles can be compared. The tissue outline (the pipeline's tissue mask) is drawn on both panels.
+
 Only a coarse pyramid level is read (the finest level whose longer side fits in ``max_size``), so
 an overview of a gigapixel output costs a few megabytes of reads. matplotlib is imported inside
 the functions that draw.
@@ -18,11 +24,13 @@ import numpy as np
 
 from .omezarr import SEGMENTATION_CLASSES, SEGMENTATION_COLORS, OutputView, read_output
 
-__all__ = ["Overview", "overview_images", "overview_png"]
+__all__ = ["Overview", "overview_figure", "overview_images", "overview_png", "saliency_units"]
 
 logger = logging.getLogger(__name__)
 
 SALIENCY_CMAP = "magma"
+#: Colour of the tissue outline (visible over grey, magma and the label colours).
+TISSUE_OUTLINE_COLOR = "#3fd0ff"
 #: Minimum displayed panel size in screen px (tiny outputs are enlarged, nearest neighbour).
 _MIN_PANEL_PX = 256
 
@@ -46,6 +54,10 @@ class Overview:
         Saliency mapped to full colour and opacity.
     has_slide : bool
         Whether a slide thumbnail is under the saliency.
+    tissue : (h, w) bool ndarray
+        The output's tissue mask at the panels' resolution (all False when none was written).
+    units : str
+        What the saliency values are, e.g. ``"px² of expected lymphocyte area per pixel"``.
     """
 
     saliency: np.ndarray
@@ -54,6 +66,36 @@ class Overview:
     step: int
     vmax: float
     has_slide: bool
+    tissue: np.ndarray | None = None
+    units: str = "score units per pixel"
+
+
+def saliency_units(provenance: dict[str, Any] | None) -> str:
+    """The units of an output's saliency, from its provenance (the score kind and class).
+
+    HiPe's map is a sum of score drops, so it carries the score's units at every pixel:
+    ``"area"`` → px² (at the target resolution) of expected class area, ``"mean"`` → mean
+    class probability, ``"logit"`` → summed class logits. Returns e.g.
+    ``"px² of expected lymphocyte area per pixel"``; ``"score units per pixel"`` when the
+    provenance does not say.
+    """
+    prov = provenance or {}
+    score = (prov.get("config") or {}).get("score") or {}
+    kind = score.get("kind")
+    index = score.get("class", score.get("class_index"))
+    names = (prov.get("model") or {}).get("class_names") or ()
+    cls = (
+        str(names[index])
+        if isinstance(index, int) and 0 <= index < len(names)
+        else (f"class {index}" if index is not None else "class")
+    )
+    if kind == "area":
+        return f"px² of expected {cls} area per pixel"
+    if kind == "mean":
+        return f"mean {cls} probability per pixel"
+    if kind == "logit":
+        return f"{cls} logit sum per pixel"
+    return "score units per pixel"
 
 
 def _pick_level(view: OutputView, max_size: int) -> tuple[int, int]:
@@ -168,6 +210,10 @@ def overview_images(
         grey = np.zeros(sal.shape, np.float32)
     base = np.repeat(grey[..., None], 3, axis=-1)
 
+    tissue = np.zeros(sal.shape, bool)
+    if view.tissue:
+        tissue = np.asarray(view.tissue[level][::step, ::step]) > 0
+
     colour = colormaps[SALIENCY_CMAP](alpha)[..., :3].astype(np.float32)
     a = alpha[..., None]
     saliency_rgb = (1.0 - a) * base + a * colour
@@ -184,7 +230,79 @@ def overview_images(
         step=step,
         vmax=vmax,
         has_slide=has_slide,
+        tissue=tissue,
+        units=saliency_units(view.provenance),
     )
+
+
+def overview_figure(
+    output_path: str | os.PathLike,
+    *,
+    slide: Any = None,
+    max_size: int = 2048,
+    dpi: int = 100,
+):
+    """The overview as a matplotlib ``Figure`` (what :func:`overview_png` saves).
+
+    Left: the saliency over the slide with the tissue outline, and a colour bar labelled in
+    the saliency's units (:func:`saliency_units`); right: the segmentation with the outline.
+    Parameters as :func:`overview_png`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    panels = overview_images(output_path, slide=slide, max_size=max_size)
+    height, width = panels.saliency.shape[:2]
+    zoom = max(1.0, _MIN_PANEL_PX / max(height, width))
+    panel_w, panel_h = width * zoom / dpi, height * zoom / dpi
+    fig_w, fig_h = 2 * panel_w + 2.4, panel_h + 1.0  # inches: margins, colour bar, titles
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+    FigureCanvasAgg(fig)
+
+    def box(x: float, w: float) -> tuple[float, float, float, float]:
+        return (x / fig_w, 0.5 / fig_h, w / fig_w, panel_h / fig_h)
+
+    left = fig.add_axes(box(0.3, panel_w))
+    colorbar_ax = fig.add_axes(box(panel_w + 0.4, 0.12))
+    right = fig.add_axes(box(panel_w + 1.8, panel_w))
+    left.imshow(panels.saliency, interpolation="nearest")
+    where = "over the slide" if panels.has_slide else "(slide not available)"
+    left.set_title(f"HiPe saliency {where} — level {panels.level}", fontsize=9)
+    right.imshow(panels.segmentation, interpolation="nearest")
+    right.set_title("segmentation", fontsize=9)
+    outline = panels.tissue is not None and panels.tissue.any() and not panels.tissue.all()
+    for ax in (left, right):
+        ax.set_axis_off()
+        if outline:
+            ax.contour(
+                panels.tissue.astype(np.float32),
+                levels=[0.5],
+                colors=TISSUE_OUTLINE_COLOR,
+                linewidths=0.8,
+            )
+    handles = [
+        Patch(color=np.asarray(SEGMENTATION_COLORS[v][:3]) / 255.0, label=SEGMENTATION_CLASSES[v])
+        for v in sorted(SEGMENTATION_COLORS)
+        if v != 0
+    ]
+    if outline:
+        handles.append(Line2D([], [], color=TISSUE_OUTLINE_COLOR, lw=1.0, label="tissue outline"))
+    right.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.7)
+    mappable = ScalarMappable(norm=Normalize(0.0, panels.vmax or 1.0), cmap=SALIENCY_CMAP)
+    bar = fig.colorbar(mappable, cax=colorbar_ax)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label(_wrap(panels.units), fontsize=7)
+    return fig
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def overview_png(
@@ -215,45 +333,9 @@ def overview_png(
     Path
         ``png_path``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    panels = overview_images(output_path, slide=slide, max_size=max_size)
-    height, width = panels.saliency.shape[:2]
-    zoom = max(1.0, _MIN_PANEL_PX / max(height, width))
-    panel_w, panel_h = width * zoom / dpi, height * zoom / dpi
-    fig_w, fig_h = 2 * panel_w + 2.0, panel_h + 1.0  # inches: margins, colour bar, titles
-    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
-    FigureCanvasAgg(fig)
-
-    def box(x: float, w: float) -> tuple[float, float, float, float]:
-        return (x / fig_w, 0.5 / fig_h, w / fig_w, panel_h / fig_h)
-
-    left = fig.add_axes(box(0.3, panel_w))
-    colorbar_ax = fig.add_axes(box(panel_w + 0.4, 0.12))
-    right = fig.add_axes(box(panel_w + 1.4, panel_w))
-    left.imshow(panels.saliency, interpolation="nearest")
-    where = "over the slide" if panels.has_slide else "(slide not available)"
-    left.set_title(f"HiPe saliency {where} — level {panels.level}", fontsize=9)
-    right.imshow(panels.segmentation, interpolation="nearest")
-    right.set_title("segmentation", fontsize=9)
-    for ax in (left, right):
-        ax.set_axis_off()
-    handles = [
-        Patch(color=np.asarray(SEGMENTATION_COLORS[v][:3]) / 255.0, label=SEGMENTATION_CLASSES[v])
-        for v in sorted(SEGMENTATION_COLORS)
-        if v != 0
-    ]
-    right.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.7)
-    mappable = ScalarMappable(norm=Normalize(0.0, panels.vmax or 1.0), cmap=SALIENCY_CMAP)
-    fig.colorbar(mappable, cax=colorbar_ax).ax.tick_params(labelsize=7)
+    fig = overview_figure(output_path, slide=slide, max_size=max_size, dpi=dpi)
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=dpi, facecolor="white")
-    logger.info(
-        "wrote overview %s (level %d, %dx%d px panels)", png_path, panels.level, width, height
-    )
+    logger.info("wrote overview %s", png_path)
     return png_path
