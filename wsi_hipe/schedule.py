@@ -60,6 +60,7 @@ import pickle
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,7 +246,9 @@ def _pack(obj: Any) -> bytes:
         def reducer_override(self, o: Any) -> Any:
             if isinstance(o, torch.jit.ScriptModule):
                 buffer = io.BytesIO()
-                torch.jit.save(o, buffer)
+                with warnings.catch_warnings():  # torch 2.9+ deprecates TorchScript
+                    warnings.simplefilter("ignore", FutureWarning)
+                    torch.jit.save(o, buffer)
                 return _load_script, (buffer.getvalue(),)
             if isinstance(o, torch.nn.Parameter) and o.device.type != "cpu":
                 return _parameter, (o.detach().cpu(), o.requires_grad)
@@ -261,7 +264,9 @@ def _pack(obj: Any) -> bytes:
 def _load_script(data: bytes) -> Any:
     import torch
 
-    return torch.jit.load(io.BytesIO(data), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(io.BytesIO(data), map_location="cpu")
 
 
 def _parameter(data: Any, requires_grad: bool) -> Any:
@@ -601,6 +606,7 @@ class TaskRunner:
         self._spilled: dict[Hashable, _Spilled] = {}
         self._scattered: dict[Hashable, Any] = {}
         self._slots_seen: tuple[float, int] = (0.0, 0)
+        self._scheduler_lost = False
         self._started = False
 
     # -- life cycle ---------------------------------------------------------------------
@@ -744,8 +750,12 @@ class TaskRunner:
                 value.release()
         self._scattered.clear()
         if self._client is not None:
+            # After a lost scheduler, closing cancels the client's reconnection attempts,
+            # which distributed logs as an error with a traceback: the run says it once.
+            quiet = _quiet("distributed.client") if self._scheduler_lost else _noop()
             try:
-                self._client.close(timeout=10)
+                with quiet:
+                    self._client.close(timeout=10)
             except Exception:  # a lost scheduler: nothing left to close
                 logger.debug("closing the Dask client failed", exc_info=True)
             self._client = None
@@ -966,7 +976,10 @@ class TaskRunner:
             for fut in queue:
                 item, _ = pending.pop(fut.key)
                 if fut.status == "finished":
-                    result = fut.result()
+                    try:
+                        result = fut.result()
+                    except (OSError, TimeoutError) as exc:  # fetching it: the scheduler is gone
+                        raise self._lost(exc) from None
                     fut.release()
                     yield item, result
                 elif fut.status == "cancelled" or client.status != "running":
@@ -985,6 +998,7 @@ class TaskRunner:
                     client.cancel([f for _, f in pending.values()])
 
     def _lost(self, exc: BaseException | None) -> SchedulerLostError:
+        self._scheduler_lost = True
         where = self.address or getattr(self._cluster, "scheduler_address", None) or self.spec
         detail = f" ({exc})" if exc is not None else ""
         return SchedulerLostError(
@@ -995,3 +1009,18 @@ class TaskRunner:
 
 
 _END = object()
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Silence the logger ``name`` for a block."""
+    log = logging.getLogger(name)
+    saved = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(saved)
+
+
+_noop = contextlib.nullcontext

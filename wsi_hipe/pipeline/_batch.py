@@ -255,6 +255,9 @@ def explain_batch(
             runner.close()
 
 
+_END = object()
+
+
 class _Lane:
     """One slide's view of the batch's runner: the same runner, and an event set once every
     tile of the slide has been submitted (the batch then starts the next slide)."""
@@ -269,7 +272,15 @@ class _Lane:
 
     def map(self, fn, items, *, shared=None, errors: OnError = "raise"):
         def tracked():
-            yield from items
+            # One item ahead, so the event is set as the last item is handed out.
+            iterator = iter(items)
+            current = next(iterator, _END)
+            while current is not _END:
+                following = next(iterator, _END)
+                if following is _END:
+                    self.submitted.set()
+                yield current
+                current = following
             self.submitted.set()
 
         return self._runner.map(fn, tracked(), shared=shared, errors=errors)
