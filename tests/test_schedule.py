@@ -12,7 +12,14 @@ from _pipeline_support import SMALL, save_tiny_model
 from wsi_hipe import pipeline
 from wsi_hipe.config import load_config
 from wsi_hipe.omezarr import read_output
-from wsi_hipe.schedule import TaskRunner, parse_scheduler, worker_cache
+from wsi_hipe.schedule import (
+    TaskError,
+    TaskRunner,
+    WorkerValue,
+    parse_scheduler,
+    ship_model,
+    worker_cache,
+)
 
 # --- module-level task functions (picklable for process schedulers) ---------------------------
 
@@ -93,9 +100,41 @@ def test_worker_cache_builds_once_per_process():
     assert first == again == "value" and calls == [1]
 
 
+class _Counted(WorkerValue):
+    """A worker value that counts how often this process pickles it (a stand-in for a model)."""
+
+    pickled = 0
+
+    def __init__(self) -> None:
+        self.payload = bytes(1 << 20)
+
+    @property
+    def key(self):
+        return ("counted", len(self.payload))
+
+    def build(self):
+        return ("built in", os.getpid())
+
+    def __getstate__(self):
+        type(self).pickled += 1
+        return self.__dict__
+
+
+def _pid_cached_and_value(item, *, key, value):
+    return (*_pid_and_cached(item, key=key), value)
+
+
 def test_process_pool_loads_once_per_worker_process():
+    _Counted.pickled = 0
+    shared = {"key": "m", "value": _Counted()}
     with TaskRunner("processes", workers=2, max_in_flight=4) as runner:
-        results = [r for _, r in runner.map(_pid_and_cached, range(12), shared={"key": "m"})]
+        results = [r for _, r in runner.map(_pid_cached_and_value, range(12), shared=shared)]
+        again = [r for _, r in runner.map(_pid_cached_and_value, range(4), shared=shared)]
+    # The worker value (a model) is pickled once, not with every task nor every map call;
+    # each worker process builds it once, there.
+    assert _Counted.pickled == 1
+    assert {v for *_, v in results + again} == {("built in", pid) for pid, *_ in results + again}
+    results = [(pid, token) for pid, token, _ in results]
     pids = {pid for pid, _ in results}
     assert os.getpid() not in pids
     # One cached object per worker process, reused by all its tasks (the pool lives across
@@ -163,3 +202,83 @@ def test_worker_cache_evicts_and_closes_the_least_recently_used():
     assert worker_cache(("evict", 1), _Handle) is not handles[1]
     clear_worker_cache()
     assert all(h.closed for h in handles if h is not handles[1]) and extra.closed
+
+
+# --- streaming, retries ---------------------------------------------------------------------------
+
+_RELEASE = threading.Event()
+_TRIES: dict[int, int] = {}
+_TRIES_LOCK = threading.Lock()
+
+
+def _first_waits(item):
+    if item == 0:
+        return "released" if _RELEASE.wait(timeout=60) else "timed out"
+    return item
+
+
+@pytest.mark.parametrize("spec", ["threads"])
+def test_no_task_waits_for_another(spec):
+    """Task 0 finishes only once three later tasks have come back: results must stream
+    (a batch of the window would wait for task 0 and time out)."""
+    _RELEASE.clear()
+    order = []
+    with TaskRunner(spec, workers=2, max_in_flight=4) as runner:
+        for item, result in runner.map(_first_waits, range(8)):
+            order.append((item, result))
+            if len(order) == 3:
+                _RELEASE.set()
+    assert dict(order)[0] == "released"
+    assert order.index((0, "released")) >= 3
+    assert sorted(i for i, _ in order) == list(range(8))
+
+
+def _fails_until(item, *, succeed_on):
+    with _TRIES_LOCK:
+        _TRIES[item] = _TRIES.get(item, 0) + 1
+        tries = _TRIES[item]
+    if item % 3 == 0 and tries < succeed_on:
+        raise RuntimeError(f"task {item} try {tries} broke")
+    return item
+
+
+@pytest.mark.parametrize("spec", ["sync", "threads"])
+def test_retries_then_failed_tasks_are_returned(spec):
+    _TRIES.clear()
+    with TaskRunner(spec, workers=2, retries=2) as runner:
+        out = dict(runner.map(_fails_until, range(7), shared={"succeed_on": 3}))
+    assert out == {i: i for i in range(7)}  # 0, 3, 6 succeeded on their third try
+    assert _TRIES == {i: 3 if i % 3 == 0 else 1 for i in range(7)}
+    _TRIES.clear()
+    with TaskRunner(spec, workers=2, retries=1) as runner:
+        out = dict(runner.map(_fails_until, range(7), shared={"succeed_on": 3}, errors="return"))
+    failed = {i: r for i, r in out.items() if isinstance(r, TaskError)}
+    assert sorted(failed) == [0, 3, 6]  # a failing task loses only itself
+    assert all(r.attempts == 2 and "try 2 broke" in r.error for r in failed.values())
+    assert {i: r for i, r in out.items() if i not in failed} == {1: 1, 2: 2, 4: 4, 5: 5}
+    with pytest.raises(ValueError, match="errors"):
+        list(TaskRunner("sync").map(_square, [1], errors="ignore"))
+    with pytest.raises(ValueError, match="retries"):
+        TaskRunner("sync", retries=-1)
+
+
+# --- models shipped to workers ------------------------------------------------------------------
+
+
+def test_shipped_models_are_cpu_weights_rebuilt_on_the_worker_device(tmp_path):
+    import torch
+    from _pipeline_support import tiny_model
+
+    from wsi_hipe.models import load_model
+
+    x = torch.rand(2, 1, 32, 32)
+    script = load_model(str(save_tiny_model(tmp_path / "tiny.pt")), device="cpu")
+    for model in (tiny_model(), script):
+        shipped = ship_model(model, device="cpu")
+        assert ship_model(model, device="cpu").key == shipped.key  # one build per worker
+        assert ship_model(model, device="auto").key != shipped.key
+        rebuilt = shipped.build()
+        assert rebuilt is not model and rebuilt.device.type == "cpu"
+        assert rebuilt.meta == model.meta
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    assert "ShippedModel(" in repr(shipped) and "bytes" in repr(shipped)
