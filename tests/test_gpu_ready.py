@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 from _pipeline_support import SMALL, BrightBlobNet, synthetic_image, tiny_model
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -98,6 +99,22 @@ def _data(t):
     return t._data if on_fake(t) else t
 
 
+class _FakeFromData(TorchFunctionMode):
+    """``torch.tensor(data, device=FAKE)`` / ``torch.as_tensor``: made on the host, then copied
+    (a CPU-only torch would make them on the CPU: the device index of "cpu" is dropped)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if func in (torch.tensor, torch.as_tensor) and device is not None:
+            if torch.device(device) == FAKE:
+                rest = {k: v for k, v in kwargs.items() if k != "device"}
+                if func is torch.as_tensor and on_fake(args[0]):
+                    return args[0].to(**rest)
+                return func(*args, **rest).to(FAKE)
+        return func(*args, **kwargs)
+
+
 class FakeAccelerator(TorchDispatchMode):
     """Runs every torch operation; tensors on :data:`FAKE` behave as on an accelerator.
 
@@ -122,9 +139,12 @@ class FakeAccelerator(TorchDispatchMode):
         # nn.Module.to replaces parameters by the moved tensors (instead of swapping .data).
         self._overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
         torch.__future__.set_overwrite_module_params_on_conversion(True)
+        self._from_data = _FakeFromData()
+        self._from_data.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
+        self._from_data.__exit__(*exc)
         FakeAccelerator.active.pop()
         torch.__future__.set_overwrite_module_params_on_conversion(self._overwrite)
         return super().__exit__(*exc)
@@ -215,6 +235,8 @@ def test_the_fake_accelerator_refuses_what_a_gpu_refuses_and_counts_copies():
     with FakeAccelerator() as fake:
         a = torch.arange(6.0).to(FAKE)
         b = torch.ones(6, device=FAKE)  # made there: no copy
+        c = torch.tensor([1.0, 2.0], device=FAKE)  # made on the host, copied
+        assert on_fake(c) and torch.as_tensor(c, device=FAKE) is c
         assert on_fake(a + b) and on_fake(a * torch.tensor(2.0))  # 0-d CPU tensor = scalar
         with pytest.raises(RuntimeError, match="same device"):
             _ = a + torch.ones(6)
@@ -225,7 +247,7 @@ def test_the_fake_accelerator_refuses_what_a_gpu_refuses_and_counts_copies():
         assert float((a[2:4] * 10).sum()) == 50.0
         assert a.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert host.device.type == "cpu" and host.item() == 15.0
-    assert fake.events == [("h2d", "copy"), ("mark", "batch"), ("d2h", "copy"), ("d2h", "item"),
+    assert fake.events == [("h2d", "copy"), ("h2d", "copy"), ("mark", "batch"), ("d2h", "copy"), ("d2h", "item"),
                            ("d2h", "tolist")]  # fmt: skip
 
 
