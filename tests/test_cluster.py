@@ -487,3 +487,36 @@ def test_slurm_without_sbatch_says_where_to_read(work, tmp_path, monkeypatch):
     assert "'sbatch'" in message and "docs/cluster.md" in message
     assert message.count("error:") == 1
     assert not out.exists()
+
+
+@pytest.fixture
+def slurm(tmp_path_factory):
+    import _slurm
+
+    why = _slurm.missing()
+    if why:
+        pytest.skip(why)
+    cluster = _slurm.PrivateSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def test_a_real_slurm_job_runs_the_tiles(work, slurm, tmp_path):
+    """A single-node SLURM from the OS packages: the workers are sbatch jobs."""
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text(
+        CLUSTER_YAML + "schedule:\n  scheduler: slurm\n  jobqueue:\n    interface: lo\n"
+        "    cores: 1\n    memory: 2GB\n    walltime: '00:10:00'\n    minimum_jobs: 1\n"
+        "    maximum_jobs: 2\n"
+        f"    log_directory: {tmp_path / 'jobs'}\n"
+    )
+    out = tmp_path / "slurm.ome.zarr"
+    cmd = _run_cmd(work, out)
+    cmd[cmd.index("-c") + 1] = str(cfg)
+    env = {**_env(), "SLURM_CONF": slurm.env["SLURM_CONF"]}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list((tmp_path / "jobs").glob("*.err")), "no SLURM job ran"
+    _assert_same_arrays(out, work / "sync.ome.zarr")
