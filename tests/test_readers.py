@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -921,3 +922,100 @@ def test_synthetic_ome_tiff_bad_arguments(tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         write_ome_tiff(tmp_path / "no" / "a.ome.tiff", size=64)
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: `wsi-hipe run` on a 16-bit TIFF crop, a multiplex OME-TIFF and an OME-Zarr image
+# --------------------------------------------------------------------------------------------
+
+#: Small, fast settings for CLI runs (64 px cores, 2 HiPe depths from a 4x4 grid).
+E2E_YAML = """\
+tiling: {tile_size: 64, halo: 16, min_tissue: 0.0}
+score: {floor: 0.0}
+hipe: {max_depth: 2, start_grid: 4, batch_size: 64}
+"""
+E2E_SIZE = (256, 192)
+
+
+@pytest.fixture(scope="module")
+def fluorescence_files(tmp_path_factory):
+    """The three formats of the issue, small, with the tiny test model and a config."""
+    from _pipeline_support import save_tiny_model
+
+    from wsi_hipe.synthetic import render_region, write_ome_tiff
+
+    root = tmp_path_factory.mktemp("fluorescence")
+    hoechst = render_region(0, 0, *E2E_SIZE, seed=3, slide_size=E2E_SIZE).image
+    crop = np.floor(hoechst * 4095 + 0.5).astype(np.uint16)  # a 12-bit camera in uint16
+    tifffile.imwrite(
+        root / "crop.tif",
+        crop,
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+        rowsperstrip=16,
+        metadata=None,
+    )  # fmt: skip  striped, 0.5 µm/px
+    write_ome_tiff(root / "multiplex.ome.tiff", size=E2E_SIZE, channels=4, seed=3, tile_size=64)
+    rng = np.random.default_rng(0)
+    other = rng.integers(0, 3000, crop.shape).astype(np.uint16)
+    write_ngff(root / "image.ome.zarr", np.stack([other, crop]), names=("CD3", "DAPI"))
+    save_tiny_model(root / "tiny.pt")
+    (root / "small.yaml").write_text(E2E_YAML)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("name", "flags", "reader", "channel_name"),
+    [
+        ("crop.tif", [], "TiffReader", None),
+        ("multiplex.ome.tiff", ["--channel", "Hoechst"], "TiffReader", "Hoechst"),
+        ("image.ome.zarr", [], "NgffReader", "DAPI"),
+    ],
+)
+def test_wsi_hipe_run_on_fluorescence_formats(
+    fluorescence_files, tmp_path, name, flags, reader, channel_name
+):
+    from typer.testing import CliRunner
+
+    from wsi_hipe.cli import app
+    from wsi_hipe.omezarr import read_output
+    from wsi_hipe.viz import overview_images, overview_png
+
+    root = fluorescence_files
+    out = tmp_path / "out.ome.zarr"
+    args = ["run", root / name, "-o", out, "-c", root / "small.yaml", "--model", root / "tiny.pt"]
+    result = CliRunner().invoke(app, [str(a) for a in args + flags])
+    assert result.exit_code == 0, result.output
+    view = read_output(out)
+    assert view.finalized and len(view.tiles) == 12
+    assert {t["status"] for t in view.tiles} == {"done"}
+    prov = view.provenance["slide"]
+    assert prov["reader"] == reader and prov["mpp"] == 0.5 and prov["channel_name"] == channel_name
+    assert prov["raw_max"] == 65535.0 and 0 < prov["intensity_low"] < prov["intensity_high"]
+    segmentation = np.asarray(view.segmentation[0])
+    assert segmentation.shape == E2E_SIZE[::-1] and (segmentation == 1).any()
+    assert float(np.asarray(view.saliency[0]).max()) > 0
+    panels = overview_images(out, max_size=256)
+    assert panels.has_slide  # the slide was reopened from the provenance for the background
+    png = overview_png(out, tmp_path / "overview.png", max_size=256)
+    assert Path(png).stat().st_size > 1000
+
+
+def test_wsi_hipe_run_refuses_what_it_cannot_read(fluorescence_files, tmp_path):
+    from typer.testing import CliRunner
+
+    from wsi_hipe.cli import app
+
+    root = fluorescence_files
+    base = ["run", "-o", tmp_path / "x.ome.zarr", "-c", root / "small.yaml"]
+    base += ["--model", root / "tiny.pt"]
+    cases = [
+        ([root / "multiplex.ome.tiff", "--channel", "DAPI"], "no channel named 'DAPI'.*'Hoechst'"),
+        ([root / "crop.tif", "--reader", "ngff"], "not an OME-Zarr image"),
+        ([root / "crop.tif", "--plane", "z=1"], "no 'z' axis"),
+    ]
+    for args, says in cases:
+        result = CliRunner().invoke(app, [str(a) for a in base + args])
+        assert result.exit_code != 0
+        assert re.search(says, " ".join(result.output.split())), result.output
+        assert not (tmp_path / "x.ome.zarr").exists()

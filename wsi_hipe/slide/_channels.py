@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wsi_hipe.errors import SlideFormatError, StainError
+from wsi_hipe.errors import ConfigError, SlideFormatError, StainError
 
 __all__ = [
     "ChannelInfo",
@@ -365,8 +365,8 @@ def parse_plane(value: PlaneSpec) -> dict[str, int]:
 
     Raises
     ------
-    ValueError
-        Anything else, or a negative index.
+    ConfigError
+        Anything else, or a negative index (a ``ValueError`` too).
     """
     if value is None:
         return {}
@@ -381,12 +381,12 @@ def parse_plane(value: PlaneSpec) -> dict[str, int]:
             key, sep, num = part.partition("=")
             items.append((key.strip(), num.strip()) if sep else ("", key.strip()))
     else:
-        raise ValueError(f"plane must be an index or 'z=3,t=0', got {value!r}")
+        raise ConfigError(f"plane must be an index or 'z=3,t=0', got {value!r}")
     out: dict[str, int] = {}
     for key, raw in items:
         index = _as_index(raw)
         if index is None or index < 0 or (key and not key.isalpha()):
-            raise ValueError(f"plane must be an index or 'z=3,t=0', got {value!r}")
+            raise ConfigError(f"plane must be an index or 'z=3,t=0', got {value!r}")
         out[key.lower()] = index
     return out
 
@@ -412,8 +412,8 @@ def resolve_plane(
     ------
     SlideFormatError
         An axis of size > 1 with no index ("a Z-stack: pick one plane with slide.plane").
-    ValueError
-        An index out of range or an axis the file does not have.
+    ConfigError
+        An index out of range or an axis the file does not have (a ``ValueError`` too).
     """
     sizes = {k.lower(): int(v) for k, v in extra_axes.items()}
     deep = {k: v for k, v in sizes.items() if v > 1}
@@ -421,7 +421,7 @@ def resolve_plane(
     if "" in given:
         if len(deep) != 1:
             what = ", ".join(f"{k} ({v})" for k, v in deep.items()) or "none of size > 1"
-            raise ValueError(
+            raise ConfigError(
                 f"plane {given['']} is ambiguous for slide {path}: its extra axes are {what}; "
                 "name the axis, e.g. --plane z=0"
             )
@@ -429,7 +429,10 @@ def resolve_plane(
     for key in given:
         if key not in sizes:
             axes = ", ".join(f"{k} ({v})" for k, v in sizes.items()) or "only y, x and channels"
-            raise ValueError(f"slide {path} has no {key!r} axis to pick a plane from ({axes})")
+            raise ConfigError(
+                f"slide {path} has no {key!r} axis to pick a plane from ({axes}); fix or drop "
+                "slide.plane (--plane)"
+            )
     missing = [k for k in deep if k not in given]
     if missing:
         what = " and ".join(f"{deep[k]} {k}-planes" for k in missing)
@@ -442,7 +445,7 @@ def resolve_plane(
     for key, size in sizes.items():
         index = given.get(key, 0)
         if not 0 <= index < size:
-            raise ValueError(
+            raise ConfigError(
                 f"plane {key}={index} is out of range for slide {path} ({key}: {size})"
             )
         out[key] = index

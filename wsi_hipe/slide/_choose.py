@@ -29,7 +29,7 @@ from typing import Any
 
 from wsi_hipe.cache import ProcessCache
 from wsi_hipe.config import SLIDE_READERS, SlideReaderName
-from wsi_hipe.errors import SlideFormatError, SlideNotFoundError
+from wsi_hipe.errors import ConfigError, SlideFormatError, SlideNotFoundError
 from wsi_hipe.slide._channels import PlaneSpec, parse_plane
 from wsi_hipe.slide._multichannel import ReaderChoice
 from wsi_hipe.slide._ngff import NgffReader, is_ngff
@@ -119,13 +119,15 @@ def choose_reader(path: str | os.PathLike[str], reader: str = "auto") -> ReaderC
 
     Raises
     ------
-    ValueError
-        An unknown ``reader``.
+    ConfigError
+        An unknown ``reader`` (a ``ValueError`` too).
     SlideNotFoundError
         Nothing at ``path``.
     """
     if reader not in READER_NAMES:
-        raise ValueError(f"reader must be one of {list(READER_NAMES)}, got {reader!r}")
+        raise ConfigError(
+            f"slide.reader must be one of {list(READER_NAMES)} (--reader), got {reader!r}"
+        )
     p = Path(path).expanduser()
     if not p.exists():
         raise SlideNotFoundError(f"slide not found: {p} (no such file or folder)")
