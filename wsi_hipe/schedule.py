@@ -399,7 +399,12 @@ def local_worker_specs(
             )
     specs = {}
     for i in range(n):
-        options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1", "dashboard": False}
+        options: dict[str, Any] = {
+            "nthreads": 1,
+            "host": "127.0.0.1",
+            "dashboard": False,
+            "silence_logs": logging.ERROR,
+        }
         if gpu:
             options.update(
                 nthreads=GPU_WORKER_THREADS,
