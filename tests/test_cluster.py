@@ -432,6 +432,20 @@ def test_gpu_pinning_is_round_robin_over_the_visible_gpus():
     assert all(o["nthreads"] == 1 and "env" not in o and "resources" not in o for o in cpu)
 
 
+def test_gpu_workers_need_a_gpu_here_but_a_scheduling_process_does_not(monkeypatch):
+    from wsi_hipe.errors import ConfigError
+    from wsi_hipe.pipeline._inputs import load_for, wants_gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match="no GPU"):
+        TaskRunner("local:2", gpu=True)
+    # A login node without a GPU schedules GPU workers: asking for CUDA does not fail here,
+    # and the model it keeps is a CPU copy.
+    cfg = load_config(overrides={"model.device": "cuda"})
+    assert wants_gpu(None, cfg) and not wants_gpu(tiny_model(), cfg)
+    assert load_for("bundled", cfg, remote=True).device.type == "cpu"
+
+
 def _visible(item: int) -> str:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "")
 

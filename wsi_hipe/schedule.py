@@ -603,6 +603,12 @@ class TaskRunner:
                     f"{command!r}, which is not on the PATH: run on a login node of the cluster "
                     "(see docs/cluster.md)"
                 )
+        if self.kind == "local" and self.gpu and not visible_gpus():
+            raise ConfigError(
+                "GPU workers were asked for (a CUDA device) but this machine shows no GPU "
+                "(CUDA_VISIBLE_DEVICES is empty or CUDA is unavailable); use the device "
+                "'cpu' or 'auto'"
+            )
         self._pool: Any = None
         self._client: Any = None
         self._cluster: Any = None

@@ -81,12 +81,19 @@ def task_device(model: SegmentationModel, cfg: Config) -> str:
 
 
 def wants_gpu(model: ModelLike | None, cfg: Config) -> bool:
-    """Whether tiles run on a GPU: a loaded model on CUDA, else ``cfg.model.device``."""
-    from wsi_hipe.models import SegmentationModel, resolve_device
+    """Whether tiles run on a GPU: a loaded model on CUDA, else ``cfg.model.device`` (``cuda``
+    / ``cuda:N``; ``auto`` where this process sees CUDA). Never fails here: a scheduling
+    process (a cluster's login node) may have no GPU while its workers do."""
+    from wsi_hipe.models import SegmentationModel
 
     if isinstance(model, SegmentationModel):
         return model.device.type == "cuda"
-    return resolve_device(cfg.model.device).type == "cuda"
+    device = cfg.model.device
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def tasks_model(model: SegmentationModel, cfg: Config, runner: Runner) -> Any:
