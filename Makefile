@@ -57,7 +57,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_hipe.py
 
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	PY=$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache

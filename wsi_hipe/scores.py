@@ -26,6 +26,7 @@ core of a tile with halo (:func:`core_region`) or a region of interest drawn by 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -66,6 +67,13 @@ _KIND_BUILDERS = {
 SCORE_NAMES = {**_KIND_BUILDERS, **{name: name for name in _KIND_BUILDERS.values()}}
 
 _ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _no_autocast(device_type: str):
+    """A block with autocast off on ``device_type`` (nothing to switch off where it has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,7 +160,7 @@ class Score:
                 f"score {self.name!r} reads class channel(s) {list(self.class_index)} but the "
                 f"model returned {out.shape[1]} channels; pass a class_index below {out.shape[1]}"
             )
-        with torch.autocast(device_type=out.device.type, enabled=False):
+        with _no_autocast(out.device.type):
             out = out.float()
             if self.kind == "logit":
                 values = out
