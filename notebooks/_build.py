@@ -63,6 +63,10 @@ A synthetic Hoechst tile goes through the bundled residual U-Net; the scalar we 
 **expected lymphocyte area** of the tile, `Σ p_lymphocyte` in px²
 (`wsi_hipe.scores.class_area`). Hierarchical Perturbation (HiPe) then finds which pixels that
 number depends on, perturbing coarse windows first and refining only where it matters.
+
+**CPU time:** at the full settings (a 256 px tile refined down to 4 px cells) about a minute on
+one core of a laptop CPU (HiPe's forward passes at ~60 ms each; the progress bar counts
+them); the small settings run in seconds.
 """
             ),
             _params(
@@ -87,6 +91,7 @@ from wsi_hipe.metrics import pointing_game, relevance_mass
 from wsi_hipe.models import load_model
 from wsi_hipe.scores import class_area
 from wsi_hipe.synthetic import render_tile
+from tqdm.auto import tqdm
 """
             ),
             _md("## A tile, the model and the score"),
@@ -106,7 +111,15 @@ print(f"expected lymphocyte area: {float(forward(x[None])[0]):.1f} px²")
             _md("## HiPe"),
             _code(
                 """
-res = hierarchical_perturbation(forward, x, max_depth=MAX_DEPTH, batch_size=16)
+with tqdm(unit="window") as bar:
+
+    def show(depth, done, total):  # HiPe's progress hook: windows of the current depth
+        if bar.total != total or bar.n > done:
+            bar.set_description(f"HiPe depth {depth}")
+            bar.reset(total=total)
+        bar.update(done - bar.n)
+
+    res = hierarchical_perturbation(forward, x, max_depth=MAX_DEPTH, batch_size=16, progress=show)
 saliency = res.saliency.cpu().numpy()
 print("windows per depth:", res.masks_per_depth)
 print("forward passes:", res.forward_passes)
@@ -165,6 +178,14 @@ def whole_slide() -> nbformat.NotebookNode:
 into tiles (core + halo), segments and explains each tile (skipping tiles whose score is ~0),
 and stitches saliency and segmentation into an OME-Zarr pyramid that napari opens
 (`napari OUT.ome.zarr`, or `wsi_hipe.napari.view(...)`). Here the slide is synthetic.
+
+**CPU time.** The full settings are the demo's (`wsi_hipe.cli.DEMO_OVERRIDES`, the settings
+`wsi-hipe demo` runs) on the demo's 2048×1536 slide, one tile per core: within about 5 min on
+a 2-core CPU (BENCHMARKS.md, "Slide-level evaluation and defaults", says what was measured).
+The pipeline's full-depth defaults (`configs/default.yaml`) on a 4096×3072 slide are another
+matter: about 190 tissue tiles × several thousand forward passes each is **hours on a 2-core
+CPU** (set `SLIDE_SIZE = (4096, 3072)` and `OVERRIDES = {}` on a GPU machine, where it takes
+minutes, or overnight on a laptop). The progress bar counts tiles.
 """
             ),
             _params(
@@ -173,18 +194,24 @@ import os
 from pathlib import Path
 
 {_SMALL}
-SLIDE_SIZE = (384, 256) if SMALL else (4096, 3072)  # level-0 px (width, height)
-OVERRIDES = (
-    {{
+SLIDE_SIZE = (384, 256) if SMALL else (2048, 1536)  # level-0 px (width, height)
+WORKERS = min(2, os.cpu_count() or 1)  # one tile per core
+if SMALL:
+    OVERRIDES = {{
         "tiling.tile_size": 128,
         "tiling.halo": 16,
         "hipe.start_grid": 4,
         "hipe.max_depth": 1,
         "hipe.batch_size": 32,
     }}
-    if SMALL
-    else {{}}
-)
+else:
+    from wsi_hipe.cli import DEMO_OVERRIDES  # the demo's measured settings
+
+    OVERRIDES = {{
+        **DEMO_OVERRIDES,
+        "schedule.scheduler": "threads",
+        "schedule.workers": WORKERS,
+    }}
 OUT = Path(os.environ.get("WSI_HIPE_NB_OUT", "nb-output"))
 MODEL = os.environ.get("WSI_HIPE_NB_MODEL", "bundled")  # or a .safetensors checkpoint
 """
@@ -197,6 +224,7 @@ import numpy as np
 from wsi_hipe.omezarr import read_output
 from wsi_hipe.pipeline import explain_slide
 from wsi_hipe.synthetic import write_slide
+from tqdm.auto import tqdm
 
 OUT.mkdir(parents=True, exist_ok=True)
 slide_path = OUT / "synthetic.tiff"
@@ -207,9 +235,20 @@ print("slide:", slide_path)
             _md("## Run the pipeline"),
             _code(
                 """
-result = explain_slide(
-    slide_path, OUT / "synthetic.ome.zarr", config=OVERRIDES, model=MODEL, overwrite=True
-)
+with tqdm(unit="tile", desc="explain_slide") as bar:
+
+    def show(done, total):  # the pipeline's progress hook: tiles done of the tissue tiles
+        bar.total = total
+        bar.update(done - bar.n)
+
+    result = explain_slide(
+        slide_path,
+        OUT / "synthetic.ome.zarr",
+        config=OVERRIDES,
+        model=MODEL,
+        overwrite=True,
+        progress=show,
+    )
 print(f"{result.tiles_total} tissue tiles: {result.counts}")
 print(f"{result.forward_passes} forward passes in {result.seconds:.1f} s")
 """
@@ -235,6 +274,21 @@ axes[1].set_title("segmentation (0 bg, 1 lymphocyte, 2 nucleus)")
 for ax in axes:
     ax.axis("off")
 plt.show()
+"""
+            ),
+            _md(
+                """
+The overview PNG that `wsi-hipe demo` writes: the saliency over the slide in px² of expected
+lymphocyte area per pixel (one colour scale for every tile) with the tissue outline.
+"""
+            ),
+            _code(
+                """
+from IPython.display import Image, display
+
+from wsi_hipe.viz import overview_png
+
+display(Image(filename=str(overview_png(result.output, OUT / "overview.png"))))
 """
             ),
             _md("The per-tile table (position, score, forward passes, time, status):"),
@@ -268,13 +322,22 @@ Hoechst tiles with each method and scores the maps:
 - **pointing game** (↑): is the map's maximum within 3 px of a lymphocyte;
 - **relevance mass** (↑): the share of the saliency inside lymphocytes.
 
-The full settings (`configs/evaluate.yaml`: 3 tiles of 256², RISE up to 8000 masks) take
-minutes per tile on a CPU; the small settings run in seconds.
+The second half evaluates HiPe settings **at slide scale** (`run_slide_evaluation`,
+`configs/evaluate_slide.yaml`): whole synthetic slides at three lymphocyte densities, tiled as
+the pipeline tiles them, scored against their ground truth.
+
+**CPU time.** Full settings of this notebook: two 256² tiles without RISE 8000 (about 6 min
+on one core) and three 1024² slides with two substrates (about 7 min): ≈ 13 min on a 2-core
+CPU. The complete `configs/evaluate.yaml` (3 tiles, RISE 8000) needs about 30 min, and the
+complete slide grid of `configs/evaluate_slide.yaml` (9 slides, 5 substrates, sanity checks)
+a few hours on a CPU: run those from the command line (`wsi-hipe evaluate [--slide]`), which
+resumes where it stopped. The small settings run in seconds.
 """
             ),
             _params(
                 f"""
 import os
+from pathlib import Path
 
 {_SMALL}
 OVERRIDES = (
@@ -290,8 +353,31 @@ OVERRIDES = (
         ],
     }}
     if SMALL
-    else {{}}
+    else {{
+        "tiles.n": 2,
+        "methods": [
+            {{"name": "hipe", "method": "hipe"}},
+            {{"name": "occlusion 16/8", "method": "occlusion", "options": {{"window": 16, "stride": 8}}}},
+            {{"name": "rise 2000", "method": "rise", "options": {{"n_masks": 2000}}}},
+            {{"name": "gradient", "method": "gradient"}},
+            {{"name": "integrated gradients", "method": "integrated_gradients", "options": {{"n_steps": 32}}}},
+        ],
+    }}
 )
+SLIDE_OVERRIDES = {{
+    "slides.size": 256 if SMALL else 1024,  # px per side, 0.5 µm/px
+    "slides.seeds": [0],
+    "slides.densities": ["clustered"] if SMALL else ["sparse", "clustered", "dense"],
+    "grid.substrates": ["mean", "background"],
+    "grid.depths": [{{"start_grid": 4, "max_depth": 1 if SMALL else 2}}],
+    "faithfulness.tiles_per_slide": 1,
+    "faithfulness.step_fraction": 0.25 if SMALL else 0.1,
+    "sanity.seeds": [] if SMALL else [0],
+    "sanity.substrates": ["mean", "background"],
+}}
+if SMALL:
+    SLIDE_OVERRIDES["pipeline"] = {{"tiling.tile_size": 64, "tiling.halo": 16, "score.floor": 5.0}}
+OUT = Path(os.environ.get("WSI_HIPE_NB_OUT", "nb-output"))
 MODEL = os.environ.get("WSI_HIPE_NB_MODEL", "bundled")  # or a .safetensors checkpoint
 """
             ),
@@ -303,15 +389,27 @@ import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 import wsi_hipe
-from wsi_hipe.evaluation import run_evaluation
+from tqdm.auto import tqdm
 
-config_file = Path(wsi_hipe.__file__).resolve().parents[1] / "configs" / "evaluate.yaml"
-CONFIG = config_file if config_file.is_file() else None  # None: the same defaults
+from wsi_hipe.evaluation import run_evaluation, run_slide_evaluation
+
+configs = Path(wsi_hipe.__file__).resolve().parents[1] / "configs"
+CONFIG = configs / "evaluate.yaml" if (configs / "evaluate.yaml").is_file() else None
+SLIDE_CONFIG = configs / "evaluate_slide.yaml"
+SLIDE_CONFIG = SLIDE_CONFIG if SLIDE_CONFIG.is_file() else None  # None: the same defaults
 """
             ),
             _code(
                 """
-result = run_evaluation(CONFIG, model=MODEL, overrides=OVERRIDES, keep_maps=True)
+with tqdm(unit="map", desc="tile evaluation") as bar:
+
+    def show(method, i, n):  # called before each map: method name, sample index, samples
+        bar.set_postfix_str(method)
+        bar.update(1)
+
+    result = run_evaluation(
+        CONFIG, model=MODEL, overrides=OVERRIDES, keep_maps=True, progress=show
+    )
 display(Markdown(result.to_markdown()))
 """
             ),
@@ -343,6 +441,66 @@ for ax, name in zip(axes, names):
 plt.show()
 """
             ),
+            _md(
+                """
+## At slide scale: substrates on whole slides with ground truth
+
+Each setting explains every tissue tile of a slide as `explain_slide` does, and the stitched
+map is compared with the slide's lymphocytes:
+
+- **AUROC** (↑) of the saliency for lymphocyte pixels against the pixels of the other nuclei;
+- **relevance mass** (↑) on lymphocytes, next to its **chance** level (their share of the
+  tissue);
+- **tile ρ** (↑): Spearman of per-tile saliency with per-tile lymphocyte area, and the
+  **densest rank** (1 = the tile with the most lymphocytes got the most saliency: a map that
+  misses the densest cluster shows here);
+- **faithfulness**: insertion/deletion on tiles with *every* metric substrate, next to a random
+  pixel order, since a map made with the metric's own substrate is favoured by it;
+- **sanity**: Spearman with the trained model's map after randomising the head, the decoder and
+  the encoder blocks in turn (MPRT), and for a random model (↓ is good);
+- **cost**: forward passes and CPU seconds per tissue tile.
+"""
+            ),
+            _code(
+                """
+with tqdm(unit="unit", desc="slide evaluation") as bar:
+
+    def show_units(done, total):  # a slide x a setting, or a sanity tile x a setting
+        bar.total = total
+        bar.update(done - bar.n)
+
+    slides = run_slide_evaluation(
+        SLIDE_CONFIG,
+        out=OUT / "slide-evaluation",  # slides and records: a rerun resumes
+        model=MODEL,
+        overrides=SLIDE_OVERRIDES,
+        keep_maps=True,
+        progress=show_units,
+    )
+display(Markdown(slides.to_markdown()))
+"""
+            ),
+            _code(
+                """
+import numpy as np
+import tifffile
+
+from wsi_hipe.synthetic import ground_truth_paths
+
+slide_name = next(iter(slides.maps))[0]  # e.g. "clustered s0"
+stem = slide_name.replace(" ", "-")
+path = next(p for p in slides.settings["slides"] if Path(p).name.startswith(stem))
+lymph = tifffile.imread(ground_truth_paths(path)["lymphocytes"]) > 0
+keys = [k for k in slides.maps if k[0] == slide_name]
+fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 5))
+for ax, key in zip(np.atleast_1d(axes), keys):
+    ax.imshow(slides.maps[key], cmap="magma")
+    ax.contour(lymph, levels=[0.5], colors="cyan", linewidths=0.3)
+    ax.set_title(f"{slide_name}: {key[1]}", fontsize=9)
+    ax.axis("off")
+plt.show()
+"""
+            ),
         ]
     )
 
@@ -362,6 +520,8 @@ and the "fade" substrate (zeros). Every window that touches the blob matters; Hi
 its passes there. The authors' implementation perturbs **81, 25, 77, 81** windows at depths
 1–4 with the mid-range threshold; the mean threshold keeps more windows per depth. RISE (8000
 masks in the paper) is shown for scale.
+
+**CPU time:** seconds (a toy model; RISE's 8000 passes of a sum are cheap).
 """
             ),
             _params(
@@ -378,6 +538,8 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
+from tqdm.auto import tqdm
+
 from wsi_hipe import hierarchical_perturbation
 from wsi_hipe.baselines import explain
 
@@ -390,13 +552,29 @@ def gaussian_blob(size=256, sigma=4.0):
 
 def total(batch):
     return batch.flatten(1).sum(1)
+
+
+def progress_bar(bar):  # HiPe's progress hook (depth, windows done, windows) on a tqdm bar
+
+    def show(depth, done, n):
+        if bar.total != n or bar.n > done:
+            bar.set_description(f"{bar.desc.split(':')[0]}: depth {depth}")
+            bar.reset(total=n)
+        bar.update(done - bar.n)
+
+    return show
 """
             ),
             _code(
                 """
 x = gaussian_blob()
-mid = hierarchical_perturbation(total, x, substrate="fade", threshold="mid-range")
-mean = hierarchical_perturbation(total, x, substrate="fade", threshold="mean")
+runs = {}
+for threshold in ("mid-range", "mean"):
+    with tqdm(desc=threshold, unit="window") as bar:
+        runs[threshold] = hierarchical_perturbation(
+            total, x, substrate="fade", threshold=threshold, progress=progress_bar(bar)
+        )
+mid, mean = runs["mid-range"], runs["mean"]
 rows = ["| depth | windows, mid-range | windows, mean |", "|---:|---:|---:|"]
 for d in range(max(len(mid.masks_per_depth), len(mean.masks_per_depth))):
     a = mid.masks_per_depth[d] if d < len(mid.masks_per_depth) else "-"

@@ -2,7 +2,8 @@
 
 Each notebook is executed with nbclient under the current interpreter (a kernelspec written to a
 temporary JUPYTER_PATH; nothing is registered globally) with ``WSI_HIPE_NB_SMALL=1``, which
-shrinks its parameter cell so it runs in seconds. 01-03 run the bundled model (its weights are
+shrinks its parameter cell so it runs in seconds. Each notebook shows a progress bar
+(``tqdm.auto`` on the library's progress hook) and states its CPU time at full size. 01-03 run the bundled model (its weights are
 committed: a missing file is a failure). Only optional third-party packages (the notebook
 runner, Captum) may skip a test; the project's own modules are imported plainly.
 """
@@ -53,6 +54,9 @@ def test_notebooks_have_cleared_outputs_and_a_parameter_cell():
         assert all(not c.outputs and c.execution_count is None for c in code), path.name
         assert "parameters" in code[0].metadata.get("tags", []), path.name
         assert "WSI_HIPE_NB_SMALL" in code[0].source, path.name
+        # The introduction says what the full-size settings cost on a CPU.
+        assert "CPU time" in nb.cells[0].source, path.name
+        assert "tqdm" in "".join(c.source for c in code), path.name
 
 
 @pytest.fixture(scope="session")
@@ -127,14 +131,22 @@ def test_04_paper_figure3_runs_and_reproduces_the_counts(kernel_env):
 def test_01_quickstart_runs(notebook_model, kernel_env):
     text = _text_outputs(_execute("01_quickstart.ipynb", kernel_env))
     assert "forward passes:" in text and "expected lymphocyte area" in text
+    assert "HiPe depth 1" in text and "window" in text  # the progress bar on HiPe's hook
 
 
 def test_02_whole_slide_runs(notebook_model, kernel_env):
-    text = _text_outputs(_execute("02_whole_slide.ipynb", kernel_env))
+    nb = _execute("02_whole_slide.ipynb", kernel_env)
+    text = _text_outputs(nb)
     assert "tissue tiles" in text and "level 0: shape" in text
+    assert "explain_slide" in text and "tile" in text  # the progress bar on the pipeline's hook
+    assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
 
 def test_03_saliency_quality_runs(notebook_model, kernel_env):
     pytest.importorskip("captum")
     text = _text_outputs(_execute("03_saliency_quality.ipynb", kernel_env))
     assert "| method | forward passes" in text and "| rise 200 | 200 |" in text
+    # The slide-level evaluation: its tables and its progress bar.
+    assert "| setting | cells px | slides | AUROC" in text
+    assert "| mean · mid-range · 4×1 |" in text and "| background · mid-range · 4×1 |" in text
+    assert "Faithfulness on tiles" in text and "slide evaluation" in text
