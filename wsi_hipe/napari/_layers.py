@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_hipe.napari._lazy import slide_pyramid
+from wsi_hipe.napari._lazy import channel_pyramids, slide_channels, slide_pyramid
 from wsi_hipe.omezarr import ome_attrs
 from wsi_hipe.tiling import PixelTransform, pixel_transform
 
@@ -24,6 +24,8 @@ __all__ = [
     "output_transforms",
     "output_layer_data",
     "slide_layer_data",
+    "slide_layers_data",
+    "channel_layers_data",
     "result_layer_data",
     "result_transform",
     "slide_info",
@@ -103,6 +105,8 @@ def slide_layer_data(
     allow_brightfield: bool = False,
     name: str | None = None,
     config: dict[str, Any] | None = None,
+    reader: str = "auto",
+    plane: Any = None,
 ) -> LayerData:
     """A lazy multiscale image layer of a slide's stain channel, placed in µm.
 
@@ -121,12 +125,21 @@ def slide_layer_data(
     config : dict, optional
         The resolved run configuration of the output the slide belongs to; the widget runs
         with it.
+    reader, plane : optional
+        ``slide.reader`` and ``slide.plane`` (see :func:`wsi_hipe.slide.open_slide`).
 
     Returns
     -------
     (list of dask arrays, dict, "image")
     """
-    pyramid = slide_pyramid(path, mpp=mpp, channel=channel, allow_brightfield=allow_brightfield)
+    pyramid = slide_pyramid(
+        path,
+        mpp=mpp,
+        channel=channel,
+        allow_brightfield=allow_brightfield,
+        reader=reader,
+        plane=plane,
+    )
     height, width = pyramid.levels[0].shape
     info = {
         "kind": "slide",
@@ -136,6 +149,8 @@ def slide_layer_data(
         "mpp_known": pyramid.mpp_known,
         "channel": channel,
         "allow_brightfield": allow_brightfield,
+        "reader": reader,
+        "plane": plane,
         "dimensions": (int(width), int(height)),
         "config": config,
         "levels": _level_metadata(list(pyramid.transforms)),
@@ -153,6 +168,163 @@ def slide_layer_data(
         "units": "µm" if pyramid.mpp_known else "pixel",
     }
     return list(pyramid.levels), kwargs, "image"
+
+
+#: Channel layers shown when a file has more channels than this: the nuclear stain only.
+MAX_VISIBLE_CHANNELS = 5
+
+
+def _channel_colormap(name: str, rgb: tuple[float, float, float]) -> Any:
+    """A napari colormap from black to ``rgb`` (0..1)."""
+    from napari.utils.colormaps import Colormap
+
+    return Colormap(colors=[[0.0, 0.0, 0.0, 1.0], [*rgb, 1.0]], name=f"wsi-hipe {name}")
+
+
+def channel_layers_data(
+    path: str | Path,
+    *,
+    channels: Any = None,
+    stain: int | None = None,
+    mpp: float | None = None,
+    reader: str = "auto",
+    plane: Any = None,
+    config: dict[str, Any] | None = None,
+) -> list[LayerData]:
+    """One lazy multiscale image layer per channel of a multi-channel file, placed in µm.
+
+    Parameters
+    ----------
+    path : str or Path
+        A multi-channel OME-TIFF, QPTIFF, TIFF or OME-Zarr image.
+    channels : sequence of int or str, optional
+        The channels to show (default: all), in order.
+    stain : int, optional
+        The channel that is the slide's stain (default: the nuclear stain by name, if any);
+        its layer carries the ``kind: "slide"`` metadata the explain widget runs on.
+    mpp : float, optional
+        µm per level-0 px, overriding the metadata.
+    reader, plane : optional
+        ``slide.reader`` and ``slide.plane``.
+    config : dict, optional
+        The resolved run configuration of the output the slide belongs to.
+
+    Returns
+    -------
+    list of (list of dask arrays, dict, "image")
+        Raw values, named and coloured from the metadata, blended additively; contrast
+        limits from a thumbnail's percentiles. With more than :data:`MAX_VISIBLE_CHANNELS`
+        channels only the stain is visible at first.
+    """
+    pyramids = channel_pyramids(path, channels=channels, mpp=mpp, reader=reader, plane=plane)
+    stain = pyramids.stain if stain is None else int(stain)
+    levels_meta = _level_metadata(list(pyramids.transforms))
+    height, width = pyramids.levels[0][0].shape
+    many = len(pyramids.channels) > MAX_VISIBLE_CHANNELS
+    layers: list[LayerData] = []
+    for c, name, rgb, limits, levels in zip(
+        pyramids.channels,
+        pyramids.names,
+        pyramids.colors,
+        pyramids.contrast,
+        pyramids.levels,
+        strict=True,
+    ):
+        is_stain = c == stain
+        info: dict[str, Any] = {
+            "kind": "slide" if is_stain else "slide-channel",
+            "path": str(Path(path)),
+            "channel": c,
+            "channel_name": name,
+            "mpp": pyramids.mpp,
+            "mpp_override": mpp if mpp is not None else (None if pyramids.mpp_known else 1.0),
+            "mpp_known": pyramids.mpp_known,
+            "allow_brightfield": False,
+            "reader": reader,
+            "plane": plane,
+            "raw_max": pyramids.raw_max,
+            "dimensions": (int(width), int(height)),
+            "config": config,
+            "levels": levels_meta,
+        }
+        kwargs = {
+            "name": name,
+            "multiscale": True,
+            "scale": pyramids.transforms[0].scale,
+            "translate": pyramids.transforms[0].translation,
+            "colormap": _channel_colormap(name, rgb),
+            "blending": "additive",
+            "contrast_limits": limits,
+            "visible": is_stain or not many,
+            "metadata": {"wsi_hipe": info},
+            "units": "µm" if pyramids.mpp_known else "pixel",
+        }
+        layers.append((list(levels), kwargs, "image"))
+    return layers
+
+
+def slide_layers_data(
+    path: str | Path,
+    *,
+    mpp: float | None = None,
+    channel: str | int = "auto",
+    allow_brightfield: bool = False,
+    reader: str = "auto",
+    plane: Any = None,
+    channels: Any = None,
+    config: dict[str, Any] | None = None,
+) -> list[LayerData]:
+    """The layers of a slide: one per channel of a multi-channel file, else its stain.
+
+    A multi-channel file (several channels, not RGB) gives :func:`channel_layers_data` (all
+    channels, or ``channels``), its stain chosen by ``channel``; any other slide the one stain
+    layer of :func:`slide_layer_data`.
+    """
+    if slide_channels(path, reader=reader, plane=plane) is None:
+        layer = slide_layer_data(
+            path,
+            mpp=mpp,
+            channel=channel,
+            allow_brightfield=allow_brightfield,
+            reader=reader,
+            plane=plane,
+            config=config,
+        )
+        return [layer]
+    from wsi_hipe.errors import StainError
+    from wsi_hipe.slide import select_channel
+
+    opened = slide_channels(path, reader=reader, plane=plane)
+    stain = None
+    try:
+        stain = select_channel(channel, opened.channels, path=opened.path)[0]
+    except StainError as exc:
+        logger.info("%s: %s; no channel layer is the stain", path, exc)
+    return channel_layers_data(
+        path,
+        channels=channels,
+        stain=stain,
+        mpp=mpp,
+        reader=reader,
+        plane=plane,
+        config=config,
+    )
+
+
+def _used_channels(prov: dict[str, Any]) -> list[int] | None:
+    """The channels a run on a multi-channel slide read (stain first, then the model's)."""
+    slide = prov.get("slide") if isinstance(prov.get("slide"), dict) else {}
+    if not slide.get("channel_names"):
+        return None
+    used: list[int] = []
+    stain = slide.get("channel")
+    if isinstance(stain, int) and not isinstance(stain, bool):
+        used.append(stain)
+    for item in slide.get("input_channels") or []:
+        index = item.get("index") if isinstance(item, dict) else None
+        if isinstance(index, int) and index not in used:
+            used.append(index)
+    return used or None
 
 
 def _slide_channel(prov: dict[str, Any]) -> str | int:
@@ -190,28 +362,51 @@ def _label_colormaps(path: Path) -> dict[str, Any]:
     return out
 
 
-def _provenance_slide_layer(path: Path, view: Any, prov: dict[str, Any]) -> LayerData | None:
-    """The slide layer of an output, from the slide path in its provenance, if reachable."""
+def _provenance_slide_layers(path: Path, view: Any, prov: dict[str, Any]) -> list[LayerData]:
+    """The slide layers of an output, from the slide path in its provenance, if reachable.
+
+    A multi-channel slide shows the channels the run used (its stain, and ``slide.channels``
+    when it fed several to the model), each as its own layer.
+    """
     slide_path = view.slide_path
     if slide_path is None:
-        return None
+        return []
     slide_file = Path(slide_path)
     if not slide_file.is_absolute():
         slide_file = (path.parent / slide_file).resolve()
     if not slide_file.exists():
         logger.warning("slide %s (from the provenance) is not reachable; not shown", slide_file)
-        return None
+        return []
+    config = prov.get("config") if isinstance(prov.get("config"), dict) else None
+    slide_cfg = (config or {}).get("slide") or {}
+    slide_prov = prov.get("slide") if isinstance(prov.get("slide"), dict) else {}
+    reader = slide_cfg.get("reader") or "auto"
+    plane = slide_prov.get("plane") or slide_cfg.get("plane") or None
     try:
-        return slide_layer_data(
+        used = _used_channels(prov)
+        if used is not None:
+            return channel_layers_data(
+                slide_file,
+                channels=used,
+                stain=used[0] if isinstance(slide_prov.get("channel"), int) else None,
+                mpp=view.slide_mpp,
+                reader=reader,
+                plane=plane,
+                config=config,
+            )
+        layer = slide_layer_data(
             slide_file,
             mpp=view.slide_mpp,
             channel=_slide_channel(prov),
             allow_brightfield=_brightfield(prov),
-            config=prov.get("config") if isinstance(prov.get("config"), dict) else None,
+            reader=reader,
+            plane=plane,
+            config=config,
         )
+        return [layer]
     except Exception as exc:  # the output is still worth showing without its slide
         logger.warning("cannot show the slide %s: %s", slide_file, exc)
-        return None
+        return []
 
 
 def _saliency_limits(view: Any, prov: dict[str, Any]) -> tuple[float, float]:
@@ -258,9 +453,8 @@ def output_layer_data(path: str | Path, *, with_slide: bool = True) -> list[Laye
         "units": "µm",
     }
     layers: list[LayerData] = []
-    slide = _provenance_slide_layer(path, view, prov) if with_slide else None
-    if slide is not None:
-        layers.append(slide)
+    if with_slide:
+        layers.extend(_provenance_slide_layers(path, view, prov))
     saliency_meta = {"kind": "saliency", "output": str(path), "levels": levels_meta,
                      "provenance": prov}  # fmt: skip
     saliency_kwargs = {"name": "saliency", **placement, "colormap": SALIENCY_COLORMAP,

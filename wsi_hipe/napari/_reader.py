@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wsi_hipe.napari._layers import LayerData, output_layer_data, slide_layer_data
+from wsi_hipe.napari._layers import LayerData, output_layer_data, slide_layers_data
 from wsi_hipe.omezarr import is_output
 from wsi_hipe.slide import SLIDE_SUFFIXES
 
@@ -29,16 +29,29 @@ def is_wsi_hipe_output(path: str | Path) -> bool:
 
 
 def is_slide_file(path: str | Path) -> bool:
-    """True when ``path`` is a file with a slide suffix that OpenSlide recognises and opens.
+    """True when ``path`` is a slide file (with a slide suffix) or an OME-Zarr image we read.
 
     The suffixes are :data:`wsi_hipe.slide.SLIDE_SUFFIXES` (``napari.yaml`` lists the same).
-
-    Opening reads only the file's headers; a file OpenSlide recognises but cannot open (e.g. an
-    unsupported TIFF compression) is left to other readers.
+    A TIFF that :func:`wsi_hipe.slide.choose_reader` gives to tifffile (OME-TIFF, QPTIFF, gray
+    or multi-channel TIFF) is claimed when tifffile opens it and decodes a pixel of its
+    smallest level; any other file when OpenSlide recognises and opens it; an OME-Zarr image
+    folder (not a wsi-hipe output) when its multiscales open. Only headers and one tile are
+    read; files that fail are left to other readers.
     """
     path = Path(path)
+    if path.is_dir():
+        return _is_ngff_image(path)
     if not path.is_file() or not path.name.lower().endswith(SLIDE_SUFFIXES):
         return False
+    from wsi_hipe.slide import choose_reader
+
+    try:
+        kind = choose_reader(path).kind
+    except Exception as exc:  # a file choose_reader cannot look at is not ours
+        logger.debug("%s: no reader (%s)", path, exc)
+        return False
+    if kind == "tiff":
+        return _opens_with_tifffile(path)
     try:
         import openslide
     except ImportError:  # pragma: no cover - openslide is a core dependency
@@ -49,6 +62,34 @@ def is_slide_file(path: str | Path) -> bool:
         openslide.OpenSlide(str(path)).close()
     except Exception as exc:  # OpenSlideError, OpenSlideUnsupportedFormatError, OSError
         logger.debug("%s is not a slide OpenSlide can open: %s", path, exc)
+        return False
+    return True
+
+
+def _opens_with_tifffile(path: Path) -> bool:
+    from wsi_hipe.slide import TiffReader
+
+    try:
+        reader = TiffReader(path)
+        try:
+            reader.read_channels((0, 0), reader.level_count - 1, (1, 1), (0,))
+        finally:
+            reader.close()
+    except Exception as exc:  # SlideError and whatever a decoder raises
+        logger.debug("%s is not a TIFF tifffile can read: %s", path, exc)
+        return False
+    return True
+
+
+def _is_ngff_image(path: Path) -> bool:
+    from wsi_hipe.slide import NgffReader, is_ngff
+
+    if not is_ngff(path):
+        return False
+    try:
+        NgffReader(path).close()
+    except Exception as exc:  # malformed multiscales, a plane needed, ...
+        logger.debug("%s is not an OME-Zarr image we read: %s", path, exc)
         return False
     return True
 
@@ -92,7 +133,8 @@ def read_output(path: str | list[str]) -> list[LayerData]:
 
 
 def read_slide(path: str | list[str]) -> list[LayerData]:
-    """A lazy multiscale image of the slide's stain channel, in µm.
+    """Lazy multiscale images of a slide, in µm: one per channel of a multi-channel file
+    (names and colours from its metadata), else the slide's stain channel.
 
     An RGB brightfield slide (which the pipeline refuses unless told otherwise) is shown
     inverted, as ``slide.allow_brightfield`` would feed it to the model, with a warning.
@@ -101,7 +143,7 @@ def read_slide(path: str | list[str]) -> list[LayerData]:
 
     path = _one(path)
     try:
-        return [slide_layer_data(path)]
+        return slide_layers_data(path)
     except StainError as exc:
         logger.warning("%s; showing it inverted as brightfield", exc)
-        return [slide_layer_data(path, allow_brightfield=True)]
+        return slide_layers_data(path, allow_brightfield=True)
