@@ -78,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         help="explain the tile's lymphocyte area, or one lymphocyte's (a sparse target)",
     )
     parser.add_argument("--no-rise-8000", action="store_true", help="skip the slowest row")
+    parser.add_argument(
+        "--hipe-substrates",
+        default="",
+        help="extra HiPe rows with these substrates, e.g. fade,blur (the default row: mean)",
+    )
+    parser.add_argument(
+        "--deletion-substrate",
+        default="fade",
+        help="what deleted pixels become (fade, mean, blur): a map made with the metric's own "
+        "substrate is favoured by it, so vary it",
+    )
+    parser.add_argument("--insertion-substrate", default="blur")
     parser.add_argument("--out", type=Path, default=None, help="folder for md/csv/json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -89,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in sorted(DEFAULT_METHODS, key=lambda m: cost.get(m.method, 9))
         if not (args.no_rise_8000 and m.name == "rise 8000")
     ]
+    at = next(i for i, m in enumerate(methods) if m["method"] == "hipe") + 1
+    for sub in [s.strip() for s in args.hipe_substrates.split(",") if s.strip()]:
+        methods.insert(
+            at, {"name": f"hipe ({sub})", "method": "hipe", "options": {"substrate": sub}}
+        )
+        at += 1
     overrides = {
         "model": args.model,
         "target": args.target,
@@ -99,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         "tiles.size": args.size,
         "tiles.first_seed": args.first_seed,
         "metrics.step_fraction": args.step_fraction,
+        "metrics.deletion_substrate": args.deletion_substrate,
+        "metrics.insertion_substrate": args.insertion_substrate,
         "methods": methods,
     }
     t0 = time.perf_counter()
@@ -107,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = "python benchmarks/bench_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = [
-        f"`{cmd.strip()}` — target {args.target}, {args.tiles} synthetic tile(s) of {args.size}² px "
+        f"`{cmd.strip()}` — target {args.target}, {args.tiles} synthetic tile(s) of {args.size}² px; "
+        f"insertion from {args.insertion_substrate}, deletion to {args.deletion_substrate} "
         f"({', '.join(result.settings['samples'])}), device {result.settings['device']}, "
         f"{args.threads} torch thread(s), batch {args.batch_size}, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, model sha256 {str(result.settings.get('model_sha256'))[:12]}; "

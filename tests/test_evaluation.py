@@ -358,6 +358,10 @@ def test_slide_evaluation_tables_resume_and_sanity(tmp_path, tiny_segmenter):
     again = evaluation.run_slide_evaluation(config, out=out, model=tiny_segmenter)
     assert (out / "records.jsonl").read_text().count("\n") == lines
     assert again.slides == res.slides and again.sanity == res.sanity
+    # The recorded units load back as the same tables (runs split per seed are merged so).
+    loaded = evaluation.load_slide_results(out)
+    assert loaded.slides == res.slides and loaded.sanity == res.sanity
+    assert sorted(map(str, loaded.faithfulness)) == sorted(map(str, res.faithfulness))
     # Another metric setting may not be mixed into the same folder.
     other = slide_config(**{"faithfulness.step_fraction": 0.5})
     with pytest.raises(ConfigError, match="another"):

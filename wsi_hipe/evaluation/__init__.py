@@ -54,7 +54,7 @@ from wsi_hipe.evaluation._slide_config import (
     SlideEvaluationConfig,
     load_slide_evaluation_config,
 )
-from wsi_hipe.evaluation._slide_results import SlideEvaluationResult
+from wsi_hipe.evaluation._slide_results import SlideEvaluationResult, load_slide_results
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -75,6 +75,7 @@ __all__ = [
     "grid_settings",
     "load_evaluation_config",
     "load_slide_evaluation_config",
+    "load_slide_results",
     "model_stages",
     "run_evaluation",
     "run_slide_evaluation",

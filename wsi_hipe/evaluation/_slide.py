@@ -64,7 +64,7 @@ from wsi_hipe.evaluation._slide_config import (
     SlideEvaluationConfig,
     load_slide_evaluation_config,
 )
-from wsi_hipe.evaluation._slide_results import SlideEvaluationResult
+from wsi_hipe.evaluation._slide_results import SlideEvaluationResult, _add_unit
 from wsi_hipe.hipe import hierarchical_perturbation, max_depths, start_grid_size
 
 __all__ = [
@@ -744,10 +744,7 @@ def _run(config, cfg, net, store, out_path, tmp, keep_maps, progress) -> SlideEv
                 )
             elif want_map and map_path is not None:
                 result.maps[(entry["name"], setting.key)] = np.load(map_path)
-            for r in rows:
-                kind = r.get("kind")
-                clean = {k: v for k, v in r.items() if k != "kind"}
-                (result.slides if kind == "slide" else result.faithfulness).append(clean)
+            _add_unit(result, unit, rows)
             done += 1
             if progress is not None:
                 progress(done, total)

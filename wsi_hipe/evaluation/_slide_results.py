@@ -21,6 +21,7 @@ __all__ = [
     "SLIDE_COLUMNS",
     "SUMMARY_COLUMNS",
     "SlideEvaluationResult",
+    "load_slide_results",
 ]
 
 #: One row per (slide, setting): localisation and cost over the whole slide.
@@ -273,3 +274,48 @@ class SlideEvaluationResult:
             json.dumps(self.settings, indent=2, default=str) + "\n", encoding="utf-8"
         )
         return paths
+
+
+def _add_unit(result: SlideEvaluationResult, unit: str, rows: list[dict[str, Any]]) -> None:
+    """File one recorded unit's rows (see ``records.jsonl``) into ``result``'s tables."""
+    kind = unit.split("\t", 1)[0]
+    if kind == "sanity":
+        result.sanity += rows
+    elif kind == "random":
+        result.faithfulness += rows
+    else:
+        for r in rows:
+            clean = {k: v for k, v in r.items() if k != "kind"}
+            (result.slides if r.get("kind") == "slide" else result.faithfulness).append(clean)
+
+
+def load_slide_results(*folders: str | Path) -> SlideEvaluationResult:
+    """The tables recorded in the ``records.jsonl`` of one or more slide-evaluation folders.
+
+    Runs split over several processes or machines (e.g. one per seed) are merged this way;
+    a unit recorded twice counts once (the last record wins).
+
+    Raises
+    ------
+    FileNotFoundError
+        A folder without ``records.jsonl``.
+    """
+    units: dict[str, list[dict[str, Any]]] = {}
+    settings: dict[str, Any] = {"folders": [str(f) for f in folders]}
+    for folder in folders:
+        path = Path(folder) / "records.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: not a slide-evaluation folder")
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                unit = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by an interrupted run
+            units[unit["unit"]] = unit["rows"]
+        meta = Path(folder) / "settings.json"
+        if meta.is_file() and "config" not in settings:
+            settings.update(json.loads(meta.read_text(encoding="utf-8")))
+    result = SlideEvaluationResult(settings=settings)
+    for unit, rows in units.items():
+        _add_unit(result, unit, rows)
+    return result
