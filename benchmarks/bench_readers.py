@@ -19,6 +19,11 @@ Subcommands (each prints JSON lines, then a Markdown table for BENCHMARKS.md):
   row-major order (as the pipeline streams them): tiles/s and peak RSS of the reader (bands
   cached) against raw Zarr reads of the same tiles, each in a fresh process.
 
+* ``writer`` — the synthetic multiplex OME-TIFF writer (``wsi_hipe.synthetic.write_ome_tiff``,
+  3 channels, 512² tiles): seconds, level-0 tiles/s and peak RSS for each of ``--sizes``, each
+  in a fresh process (the high-water mark reset after the imports), so a flat peak shows the
+  tile-by-tile streaming.
+
 Run:  .venv/bin/python benchmarks/bench_readers.py all
       .venv/bin/python benchmarks/bench_readers.py tiles [--size 4096] [--tiles 48] [--repeat 5]
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -399,6 +405,57 @@ def bench_striped(args) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# writer
+# --------------------------------------------------------------------------------------------
+
+
+def _writer_child(path: str, size: int, channels: int) -> None:
+    from wsi_hipe.synthetic import write_ome_tiff
+
+    before = _vm("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    written = write_ome_tiff(path, size=size, channels=channels, tile_size=FILE_TILE, seed=1)
+    seconds = time.perf_counter() - t0
+    peak = _vm("VmHWM")
+    tiles = math.ceil(size / FILE_TILE) ** 2
+    print(json.dumps({
+        "size": size, "channels": channels, "levels": len(written.level_dimensions),
+        "file_mib": round(Path(path).stat().st_size / 2**20, 1), "seconds": round(seconds, 1),
+        "tiles_s": round(tiles / seconds, 2), "rss_before_mib": round(before / 1024, 1),
+        "peak_rss_mib": round(peak / 1024, 1),
+        "raw_level0_mib": round(size * size * channels * 2 / 2**20, 1),
+    }), flush=True)  # fmt: skip
+
+
+def bench_writer(args) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-readers-writer-") as tmp:
+        for size in args.sizes:
+            path = Path(tmp) / f"w{size}.ome.tiff"
+            cmd = [sys.executable, __file__, "_writer_child", str(path), str(size),
+                   str(args.channels)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                raise SystemExit(f"writer child for {size} failed:\n{proc.stderr[-3000:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            path.unlink()
+    print()
+    print("| slide px | channels | levels | file MiB | raw level 0 MiB | seconds | tiles/s | "
+          "RSS before MiB | peak RSS MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['size']}² | {r['channels']} | {r['levels']} | {r['file_mib']} | "
+            f"{r['raw_level0_mib']} | {r['seconds']} | {r['tiles_s']} | {r['rss_before_mib']} | "
+            f"{r['peak_rss_mib']} |"
+        )
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -412,7 +469,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("striped")
     p.add_argument("--size", type=int, default=16384)
     p.add_argument("--raw-rows", type=int, default=2, help="grid rows read raw (slow)")
+    p = sub.add_parser("writer")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--channels", type=int, default=3)
     p = sub.add_parser("all")
+    p = sub.add_parser("_writer_child")
+    p.add_argument("path")
+    p.add_argument("size", type=int)
+    p.add_argument("channels", type=int)
     p = sub.add_parser("_rss_child")
     p.add_argument("path")
     p.add_argument("tiles", type=int)
@@ -431,6 +495,10 @@ def main(argv=None) -> int:
         bench_rss(args)
     elif args.cmd == "striped":
         bench_striped(args)
+    elif args.cmd == "_writer_child":
+        _writer_child(args.path, args.size, args.channels)
+    elif args.cmd == "writer":
+        bench_writer(args)
     else:
         bench_tiles(argparse.Namespace(size=4096, tiles=48, repeat=5))
         bench_rss(argparse.Namespace(sizes=[20000, 80000], tiles=64))
