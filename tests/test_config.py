@@ -67,7 +67,7 @@ def test_none_overrides_are_ignored():
         ({"output.ngff": "0.3"}, "output.ngff"),
         ({"schedule.scheduler": "mpi"}, "schedule.scheduler"),
         ({"model.device": "tpu"}, "model.device"),
-        ({"slide.channel": 3}, "slide.channel: must be 'auto', 'mean', 0/1/2"),
+        ({"slide.channel": -1}, "slide.channel: must be 'auto', 'mean', a channel index"),
     ],
 )
 def test_errors_name_the_key(overrides, message):
