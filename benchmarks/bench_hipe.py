@@ -14,17 +14,19 @@ shared machine, on what else runs; the ratios much less):
 2. A residual U-Net tile (the bundled smp U-Net, 256², score = expected lymphocyte area):
    HiPe's wall time against the *floor*, the time the model alone needs for the very same calls
    (same batch sizes, recorded by wrapping the forward), alternating. Goal ≤ 1.10 × floor.
-3. ``--cells``: every lymphocyte of a dense synthetic 256² tile (``render_tile(40)``: 24 cells),
-   explained as one vector target ``(B, K)`` against one run per cell
-   (``wsi_hipe.scores.cell_area``): passes and time (goal ≥ 10× fewer passes), and the largest
-   difference between the two sets of maps.
+3. ``--cells``: every lymphocyte of a synthetic 256² tile (``--cells-seed``, default
+   ``render_tile(40)``: 24 cells; ``render_tile(0)``: 159), explained as one vector target
+   ``(B, K)`` against one run per cell (``wsi_hipe.scores.cell_area``): passes and time (goal
+   ≥ 10× fewer passes), and the largest difference between the two sets of maps. A run on cell
+   k alone perturbs exactly the vector run's own windows of k, so with ``--cells-sample N`` only
+   N cells run alone (checked against the vector run) and the rest follow from the vector run.
 4. The same U-Net tile under Captum's ``Occlusion`` (16 px window, stride 8): passes and time.
 
 Usage::
 
     python benchmarks/bench_hipe.py [--repeats 3] [--batch-size 32] [--threads 2]
-        [--against-reference /path/to/HiPe.py] [--cells] [--no-unet] [--no-occlusion]
-        [--device cpu|cuda]
+        [--against-reference /path/to/HiPe.py] [--no-unet] [--no-occlusion] [--device cpu|cuda]
+        [--cells [--cells-seed 40 0] [--cells-sample N] [--cells-max-depth D]]
 """
 
 from __future__ import annotations
@@ -66,15 +68,21 @@ def lymphocyte_area(model):
 
 
 class Recorder:
-    """Wraps a forward and records the batch size of every call."""
+    """Wraps a forward; records the batch size of every call and the time spent inside."""
 
-    def __init__(self, forward):
+    def __init__(self, forward, sync=lambda: None):
         self.forward = forward
+        self.sync = sync
         self.sizes: list[int] = []
+        self.seconds = 0.0
 
     def __call__(self, batch):
         self.sizes.append(len(batch))
-        return self.forward(batch)
+        t = time.perf_counter()
+        out = self.forward(batch)
+        self.sync()
+        self.seconds += time.perf_counter() - t
+        return out
 
 
 def sync_for(x: torch.Tensor):
@@ -221,12 +229,12 @@ def bench_unet(args, model, x):
     hierarchical_perturbation(rec, x, batch_size=args.batch_size)  # warm-up, records the calls
     sizes = list(rec.sizes)
     sync = sync_for(x)
-    hipe_times, floor_times = [], []
+    hipe_times, floor_times, own = [], [], []
     for _ in range(args.repeats):
-        t = time.perf_counter()
-        res = hierarchical_perturbation(forward, x, batch_size=args.batch_size)
-        sync()
-        hipe_times.append(time.perf_counter() - t)
+        timer = Recorder(forward, sync)
+        res, t = timed(lambda t=timer: hierarchical_perturbation(t, x, batch_size=args.batch_size))
+        hipe_times.append(t)
+        own.append(t - timer.seconds)  # HiPe's own work: everything outside the model calls
         floor_times.append(time_calls(forward, x, sizes, 1))
     hipe_t, floor_t = min(hipe_times), min(floor_times)
     ratios = [h / f for h, f in zip(hipe_times, floor_times, strict=True)]
@@ -234,7 +242,8 @@ def bench_unet(args, model, x):
         f"U-Net tile (bundled weights), 256², batch {args.batch_size}: {res.forward_passes} "
         f"passes {res.masks_per_depth}; HiPe {hipe_t:.3f} s, floor {floor_t:.3f} s, ratio "
         f"{hipe_t / floor_t:.3f} (median of the {len(ratios)} ratios "
-        f"{statistics.median(ratios):.3f})"
+        f"{statistics.median(ratios):.3f}); HiPe's own work outside the model calls "
+        f"{statistics.median(own) * 1e3:.0f} ms = {statistics.median(own) / hipe_t:.2%} of a run"
     )
     return forward, res, hipe_t
 
@@ -262,37 +271,55 @@ def cell_scores(model, labels):
     return ids, scores, all_cells
 
 
-def bench_cells(args, model):
+def bench_cells(args, model, seed):
+    """Vector run vs one run per cell; with ``--cells-sample N`` only N cells run alone.
+
+    A separate run on cell k perturbs exactly the windows of the vector run's own selection
+    for k (``target_masks[k]``; checked on every cell that runs alone), so the per-cell passes
+    of all cells follow from the vector run; their time is then the sampled cells' time per
+    pass times those passes (an extrapolation, said so in the output).
+    """
     from wsi_hipe.synthetic import render_tile
 
-    tile = render_tile(args.cells_seed, size=256)
+    tile = render_tile(seed, size=256)
     x = torch.from_numpy(tile.image)[None].float().to(model.device)
     ids, scores, all_cells = cell_scores(model, tile.lymphocytes)
     sync = sync_for(x)
     hierarchical_perturbation(all_cells, x, batch_size=args.batch_size, max_depth=1)  # warm-up
+    depth = args.cells_max_depth
 
     def explain(forward):
-        return hierarchical_perturbation(forward, x, batch_size=args.batch_size)
+        return hierarchical_perturbation(forward, x, batch_size=args.batch_size, max_depth=depth)
 
     vec, vec_t = timed(lambda: explain(all_cells), sync)
-    singles, single_t = [], 0.0
-    for score in scores:
-        res, t = timed(lambda s=score: explain(s), sync)
-        singles.append(res)
+    sample = range(len(ids))
+    if args.cells_sample and args.cells_sample < len(ids):
+        sample = range(0, len(ids), -(-len(ids) // args.cells_sample))  # evenly spread
+    singles, single_t = {}, 0.0
+    for k in sample:
+        singles[k], t = timed(lambda s=scores[k]: explain(s), sync)
         single_t += t
-    single_passes = sum(r.forward_passes for r in singles)
+    own_passes = [1 + sum(m) for m in vec.target_masks]  # what a run on cell k alone costs
+    assert all(singles[k].forward_passes == own_passes[k] for k in singles)
     worst = max(
         float((vec.saliency[k] - r.saliency).abs().max() / r.saliency.abs().max().clamp_min(1e-30))
-        for k, r in enumerate(singles)
+        for k, r in singles.items()
     )
-    same_windows = all(vec.target_masks[k] == r.masks_per_depth for k, r in enumerate(singles))
+    same = all(vec.target_masks[k] == r.masks_per_depth for k, r in singles.items())
+    passes = sum(own_passes)
+    ran = sum(own_passes[k] for k in singles)
+    if len(singles) == len(ids):
+        how = f"{single_t:.1f} s"
+    else:
+        single_t = single_t / ran * passes
+        how = f"≈ {single_t:.0f} s (extrapolated from the {len(singles)} cells run alone)"
     print(
-        f"Cells of render_tile({args.cells_seed}), 256², {len(ids)} lymphocytes, batch "
-        f"{args.batch_size}: one vector run {vec.forward_passes} passes "
-        f"{vec.masks_per_depth} in {vec_t:.1f} s; one run per cell {single_passes} passes in "
-        f"{single_t:.1f} s → {single_passes / vec.forward_passes:.1f}× fewer passes, "
-        f"{single_t / vec_t:.1f}× faster; per-cell windows identical: {same_windows}; largest "
-        f"map difference {worst:.1e} of the cell's maximum"
+        f"Cells of render_tile({seed}), 256², {len(ids)} lymphocytes, batch {args.batch_size}, "
+        f"max_depth {depth}: "
+        f"one vector run {vec.forward_passes} passes {vec.masks_per_depth} in {vec_t:.1f} s; "
+        f"one run per cell {passes} passes in {how} → {passes / vec.forward_passes:.1f}× fewer "
+        f"passes, {single_t / vec_t:.1f}× faster; {len(singles)} cells run alone: same windows "
+        f"{same}, largest map difference {worst:.1e} of the cell's maximum"
     )
 
 
@@ -331,7 +358,9 @@ def main() -> None:
     p.add_argument("--against-reference", metavar="PATH", help="the authors' HiPe.py")
     p.add_argument("--reference-repeats", type=int, default=5)
     p.add_argument("--cells", action="store_true", help="vector run vs one run per cell")
-    p.add_argument("--cells-seed", type=int, default=40)
+    p.add_argument("--cells-seed", type=int, nargs="+", default=[40], help="render_tile seeds")
+    p.add_argument("--cells-sample", type=int, default=0, help="run only N cells alone")
+    p.add_argument("--cells-max-depth", type=int, default=None, help="HiPe max_depth for cells")
     p.add_argument("--no-unet", action="store_true")
     p.add_argument("--no-occlusion", action="store_true")
     args = p.parse_args()
@@ -342,13 +371,15 @@ def main() -> None:
     bench_toy(args)
     if args.no_unet and not args.cells:
         return
+    torch.set_num_threads(args.threads)
     model, x, _ = unet_and_tile(device=args.device)
     if not args.no_unet:
         forward, res, hipe_t = bench_unet(args, model, x)
         if not args.no_occlusion:
             bench_occlusion(args, x, forward, res, hipe_t)
     if args.cells:
-        bench_cells(args, model)
+        for seed in args.cells_seed:
+            bench_cells(args, model, seed)
 
 
 if __name__ == "__main__":

@@ -382,8 +382,12 @@ def _windows(run: _Run, n: int, flat: np.ndarray, *, selected, with_clean) -> _W
         lo[:, a] = edges[np.clip(origins[:, a], 0, n)]
         hi[:, a] = edges[np.clip(origins[:, a] + 2, 0, n)]
     boxes = [tuple(map(slice, a, b)) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
-    # The depth's one host→device transfer: window indices and pixel bounds.
-    table = torch.from_numpy(np.concatenate([flat[:, None], lo, hi], axis=1)).to(run.dev)
+    # The depth's one host→device transfer: window indices and pixel bounds (from pinned
+    # memory on CUDA, so the copy does not wait for the work already queued).
+    table = torch.from_numpy(np.concatenate([flat[:, None], lo, hi], axis=1))
+    if run.dev.type == "cuda":
+        table = table.pin_memory()
+    table = table.to(run.dev, non_blocking=True)
     flat_d, lo_d, hi_d = table.split([1, run.ndim, run.ndim], dim=1)
     return _Windows(n, boxes, flat_d[:, 0], lo_d, hi_d, selected, with_clean)
 
