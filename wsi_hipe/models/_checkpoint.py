@@ -76,6 +76,10 @@ class ModelMeta:
         sigmoid per channel (independent).
     in_channels : int
         Channels of the input batch.
+    channel_names : tuple of str or None
+        The slide channels the model was trained on, one per input channel, in order (e.g.
+        ``("Hoechst",)``); a slide whose selected channels differ is refused
+        (:meth:`wsi_hipe.slide.Slide.check_model`). None: not recorded.
     mpp : float or None
         µm per pixel of the training data; the pipeline resamples slides to it. None: unknown.
     normalization : dict
@@ -99,6 +103,7 @@ class ModelMeta:
     class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES
     activation: Activation = "softmax"
     in_channels: int = 1
+    channel_names: tuple[str, ...] | None = None
     mpp: float | None = 0.5
     normalization: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     architecture: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +126,21 @@ class ModelMeta:
             )
         if not isinstance(self.in_channels, int) or self.in_channels < 1:
             raise ModelError(f"in_channels must be a positive int, got {self.in_channels!r}")
+        if self.channel_names is not None:
+            if isinstance(self.channel_names, str):
+                raise ModelError(
+                    f"channel_names must be a sequence of names, got the string "
+                    f"{self.channel_names!r}; write [{self.channel_names!r}]"
+                )
+            channels = tuple(str(n) for n in self.channel_names)
+            if len(channels) != self.in_channels:
+                raise ModelError(
+                    f"channel_names must name each of the in_channels={self.in_channels} input "
+                    f"channel(s), got {len(channels)}: {list(channels)}"
+                )
+            if any(not n.strip() for n in channels):
+                raise ModelError(f"channel_names must not be empty strings, got {list(channels)}")
+            object.__setattr__(self, "channel_names", channels)
         if self.mpp is not None:
             mpp = float(self.mpp)
             if not (math.isfinite(mpp) and mpp > 0):
@@ -161,6 +181,8 @@ class ModelMeta:
         """A JSON-serialisable dict (tuples become lists)."""
         out = dataclasses.asdict(self)
         out["class_names"] = list(self.class_names)
+        if self.channel_names is not None:
+            out["channel_names"] = list(self.channel_names)
         return out
 
     def replace(self, **changes: Any) -> ModelMeta:
@@ -329,7 +351,14 @@ def read_sidecar(weights_path: str | os.PathLike[str], *, required: bool = True)
     return record
 
 
-_META_FIELDS = ("class_names", "activation", "in_channels", "mpp", "normalization")
+_META_FIELDS = (
+    "class_names",
+    "activation",
+    "in_channels",
+    "channel_names",
+    "mpp",
+    "normalization",
+)
 _META_FREE = ("architecture", "training", "metrics")
 
 
@@ -347,6 +376,8 @@ def meta_from_sidecar(record: Mapping[str, Any], *, side: Path, **extra: Any) ->
             kwargs[key] = record[key]
     if "class_names" in kwargs:
         kwargs["class_names"] = tuple(kwargs["class_names"])
+    if isinstance(kwargs.get("channel_names"), list):
+        kwargs["channel_names"] = tuple(kwargs["channel_names"])
     kwargs.update(extra)
     try:
         return ModelMeta(**kwargs)

@@ -142,6 +142,7 @@ def load_model(
     activation: str | None = None,
     in_channels: int | None = None,
     mpp: float | None = None,
+    channel_names: Sequence[str] | None = None,
     fuse_batchnorm: bool = True,
     channels_last: bool | None = None,
     check: bool = True,
@@ -170,9 +171,10 @@ def load_model(
         ``None`` / ``"auto"``: CUDA when available, else CPU.
     autocast : bool, optional
         bf16/fp16 autocast, CUDA only; ``None`` = on for CUDA. Logits stay float32.
-    class_names, activation, in_channels, mpp
+    class_names, activation, in_channels, mpp, channel_names
         Describe a model that has no sidecar; when given for a checkpoint they override the
-        sidecar (with a warning if they differ).
+        sidecar (with a warning if they differ). ``channel_names``: the slide channels the
+        model was trained on, one per input channel, in order.
     fuse_batchnorm : bool
         Fold batch-norm layers into the preceding convolutions of a safetensors U-Net for
         faster inference (same outputs up to float rounding).
@@ -196,11 +198,11 @@ def load_model(
     ModelError
         The model is unusable (wrong output shape, unknown spec type, bad argument).
     """
-    overrides = _described(class_names, activation, in_channels, mpp)
+    overrides = _described(class_names, activation, in_channels, mpp, channel_names)
     if isinstance(spec, SegmentationModel):
         if overrides:
             raise ModelError(
-                "class_names/activation/in_channels/mpp cannot override an already loaded "
+                "class_names/activation/in_channels/mpp/channel_names cannot override a loaded "
                 "SegmentationModel; load it again from its source with those arguments"
             )
         return spec.to(resolve_device(device)) if device is not None else spec
@@ -233,6 +235,7 @@ def _described(
     activation: str | None,
     in_channels: int | None,
     mpp: float | None,
+    channel_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The description arguments of :func:`load_model` that were given, as ModelMeta fields."""
     overrides: dict[str, Any] = {}
@@ -244,6 +247,10 @@ def _described(
         overrides["in_channels"] = int(in_channels)
     if mpp is not None:
         overrides["mpp"] = float(mpp)
+    if channel_names is not None:
+        overrides["channel_names"] = (
+            (channel_names,) if isinstance(channel_names, str) else tuple(channel_names)
+        )
     return overrides
 
 
