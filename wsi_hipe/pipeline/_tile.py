@@ -249,7 +249,8 @@ def compute_tile(
     record = job.record()
     side = spec.side
     try:
-        image = slide.read(job.read_x, job.read_y, side, side, mpp=spec.mpp)
+        # (C, side, side): the stain, or slide.channels in order, each on its own range
+        image = slide.read_input(job.read_x, job.read_y, side, side, mpp=spec.mpp)
     except SlideReadError as exc:
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["seconds"] = round(time.perf_counter() - t0, 4)
@@ -257,7 +258,7 @@ def compute_tile(
         return TileOutcome(record)
     # The tile goes to the model's device once; HiPe builds every perturbed batch there.
     device = model.device
-    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32)).to(device)[None]
+    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32)).to(device)
     logits = model(x[None])
     segmentation = model.segment(x[None], logits=logits)[0].to(torch.uint8).cpu().numpy()
     cell_mask = None if cell_at is None else cell_mask_at(segmentation, cell_at, spec.class_index)
@@ -292,7 +293,7 @@ def tile_score(
     core: tuple[int, int],
     cell_mask: np.ndarray | None = None,
 ) -> Score:
-    """The scalar function HiPe explains, ``(B, 1, H, W) -> (B,)``: the configured score kind
+    """The scalar function HiPe explains, ``(B, C, H, W) -> (B,)``: the configured score kind
     restricted to the tile's ``core`` (``(h, w)`` target px), or the area of ``cell_mask``."""
     import torch
 
