@@ -95,6 +95,8 @@ def _setup(slide: SlideLike, cfg: Config, model: ModelLike | None) -> _Setup:
     try:
         model_obj = load_for(model, cfg)
         check_model_for(model_obj, cfg)
+        meta = model_obj.meta
+        slide_obj.check_model(meta.in_channels, meta.channel_names, model=f"model {meta.source!r}")
     except BaseException:
         if opened:
             slide_obj.close()

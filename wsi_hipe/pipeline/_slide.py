@@ -122,6 +122,10 @@ def explain_slide(
         # Workers in other processes get the model as CPU weights: keep this copy on the CPU.
         model_obj = load_for(model, cfg, remote=runner.remote)
         check_model_for(model_obj, cfg)
+        # the model's input channels (count and trained names) against the slide's: refused
+        # before anything is written
+        meta = model_obj.meta
+        slide_obj.check_model(meta.in_channels, meta.channel_names, model=f"model {meta.source!r}")
         tissue, grid = _plan(slide_obj, cfg)
         slide_prov = slide_identity(slide_obj)
         dtype = _tasks_dtype(model_obj, cfg, runner)
