@@ -199,3 +199,25 @@ def test_one_channel_model_keeps_working_with_channel(multiplex, tmp_path):
     assert result.exit_code != 0
     assert "trained on 'Hoechst', slide gives 'CD45'" in result.output
     assert not bad.exists()
+
+
+def test_overview_reopens_the_plane_of_a_zstack(tmp_path):
+    import numpy as np
+    import tifffile
+    from _pipeline_support import synthetic_image
+
+    from wsi_hipe.viz import overview_images
+
+    hoechst = (synthetic_image(W, H, seed=3) * 40000).astype(np.uint16)
+    marker = np.full_like(hoechst, 500)
+    stack = np.stack([np.stack([hoechst // (z + 1), marker]) for z in range(3)])  # Z, C, Y, X
+    path = tmp_path / "z.ome.tiff"
+    meta = {"axes": "ZCYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}
+    meta["Channel"] = {"Name": ["Hoechst", "CD45"]}
+    tifffile.imwrite(path, stack, metadata=meta, photometric="minisblack")
+    model = load_model(_one_channel_model(tmp_path), device="cpu")
+    out = tmp_path / "o.ome.zarr"
+    cfg = _cfg(**{"slide.plane": "z=1", "slide.reader": "tiff", "slide.channel": "Hoechst"})
+    pipeline.explain_slide(path, out, config=cfg, model=model)
+    # the overview's slide background is reopened with the run's reader and plane
+    assert overview_images(out, max_size=64).has_slide

@@ -131,17 +131,32 @@ def _open_thumbnail_source(slide: Any, view: OutputView):
     try:
         from .slide import open_slide
 
-        channel = None
-        prov_slide = view.provenance.get("slide")
-        if isinstance(prov_slide, dict):
-            channel = prov_slide.get("channel")
-        kwargs = {"mpp": view.slide_mpp}
-        if isinstance(channel, (int, str)) and not isinstance(channel, bool):
-            kwargs["channel"] = channel
-        return open_slide(target, **kwargs)
+        return open_slide(target, **_reopen_options(view))
     except Exception as exc:  # the overview is still useful without the slide
         logger.warning("cannot open slide %s (%s); drawing the saliency alone", target, exc)
         return None
+
+
+def _reopen_options(view: OutputView) -> dict[str, Any]:
+    """``open_slide`` options that reopen the slide as the run read it: its µm/px, stain
+    channel, reader (a forced one) and plane (of a Z-stack), from the provenance."""
+    prov = view.provenance
+    prov_slide = prov.get("slide") if isinstance(prov.get("slide"), dict) else {}
+    config = prov.get("config") if isinstance(prov.get("config"), dict) else {}
+    slide_cfg = config.get("slide") if isinstance(config.get("slide"), dict) else {}
+    kwargs: dict[str, Any] = {"mpp": view.slide_mpp}
+    channel = prov_slide.get("channel")
+    if isinstance(channel, (int, str)) and not isinstance(channel, bool):
+        kwargs["channel"] = channel
+    reader = slide_cfg.get("reader")
+    if isinstance(reader, str) and reader:
+        kwargs["reader"] = reader
+    plane = prov_slide.get("plane")
+    if plane is None or (isinstance(plane, dict) and not plane):
+        plane = slide_cfg.get("plane")
+    if plane is not None and not (isinstance(plane, dict) and not plane):
+        kwargs["plane"] = plane
+    return kwargs
 
 
 def _thumbnail_panel(source, view: OutputView, level: int, step: int, shape) -> np.ndarray | None:

@@ -89,7 +89,8 @@ def view(
     FileNotFoundError
         ``path`` does not exist.
     ValueError
-        ``path`` is neither a wsi-hipe output nor a slide OpenSlide can open.
+        ``path`` is neither a wsi-hipe output nor a slide wsi-hipe reads (a format OpenSlide
+        opens, an OME-TIFF, QPTIFF or plain TIFF tifffile decodes, or an OME-Zarr image).
     ImportError
         napari is not installed (``pip install 'wsi-hipe[napari]'``).
     """
@@ -106,7 +107,10 @@ def view(
         if reader is None:
             raise ValueError(
                 f"{path} is neither a wsi-hipe output (.ome.zarr with wsi_hipe provenance) nor "
-                "a slide OpenSlide can open"
+                "a slide wsi-hipe can read: a whole-slide format OpenSlide opens (.svs, .ndpi, "
+                ".mrxs, ...), an OME-TIFF, QPTIFF or plain TIFF that tifffile decodes, or an "
+                "OME-Zarr image folder; check the file, or convert it (e.g. bioformats2raw "
+                "writes OME-Zarr)"
             )
     try:
         import napari
