@@ -586,6 +586,7 @@ def _run_explanation(
         mpp=info.get("mpp_override"),
         channel=info.get("channel", "auto"),
         allow_brightfield=bool(info.get("allow_brightfield", False)),
+        **_reopen_options(info, config),
     )
     try:
         common = {
@@ -605,6 +606,23 @@ def _run_explanation(
         if callable(close):
             close()
     return result, time.perf_counter() - start
+
+
+def _reopen_options(info: dict, config: Config) -> dict[str, Any]:
+    """``reader``, ``plane`` and ``channels`` to reopen a layer's slide as it was read: the
+    layer's own (a forced reader, the plane of a Z-stack), else the run configuration's
+    (``slide.channels`` of an output's run feeds a multi-input model the same channels)."""
+    reader = info.get("reader") or config.slide.reader
+    plane = info.get("plane")
+    if plane is None or (isinstance(plane, (dict, tuple)) and not plane):
+        plane = config.slide.plane
+    if isinstance(plane, tuple):  # a hashable plane key: back to the mapping
+        plane = dict(plane)
+    channels = info.get("channels") or config.slide.channels
+    options: dict[str, Any] = {"reader": reader, "plane": plane}
+    if channels:
+        options["channels"] = tuple(channels)
+    return options
 
 
 def _notify(message: str) -> None:
