@@ -125,6 +125,16 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
+def shared_cluster():
+    """One cluster for the tests that leave it usable (the worker-kill test leaves one worker)."""
+    c = DaskCluster(2)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A 512x384 px slide (48 tiles), the tiny TorchScript model, a config, a sync reference."""
     from wsi_hipe.synthetic import write_slide
@@ -171,30 +181,6 @@ def _assert_same_arrays(out: Path, ref: Path) -> None:
 # --- faults on a real cluster -----------------------------------------------------------------
 
 
-def test_a_worker_killed_mid_run_changes_nothing(work, cluster, tmp_path):
-    """kill -9 one of two workers mid-run: the run completes, bit-identical to sync."""
-    out = tmp_path / "w.ome.zarr"
-    proc = subprocess.Popen(
-        _run_cmd(work, out, "--scheduler", cluster.address),
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        at_kill = _wait_for_records(out / "wsi_hipe" / "tiles.jsonl", 2, proc)
-        assert proc.poll() is None and 2 <= at_kill < N_TILES, "no run to kill a worker in"
-        cluster.kill_worker(0)
-        output, _ = proc.communicate(timeout=WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output
-    view = read_output(out)
-    assert sorted(t["index"] for t in view.tiles if t["status"] == "done") == list(range(N_TILES))
-    _assert_same_arrays(out, work / "sync.ome.zarr")
-
-
 def test_a_killed_scheduler_says_how_to_resume_and_a_new_cluster_finishes(work, cluster, tmp_path):
     out = tmp_path / "s.ome.zarr"
     proc = subprocess.Popen(
@@ -221,18 +207,12 @@ def test_a_killed_scheduler_says_how_to_resume_and_a_new_cluster_finishes(work, 
     assert len(kept) >= 2
 
     cluster.close()
-    fresh = DaskCluster(2)
+    fresh = DaskCluster(1)
     try:
-        rerun = subprocess.run(
-            _run_cmd(work, out, "--scheduler", fresh.address),
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-        )
+        rerun = _invoke(*_run_cmd(work, out, "--scheduler", fresh.address)[3:])
     finally:
         fresh.close()
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert rerun.exit_code == 0, rerun.output
     log = (out / "wsi_hipe" / "run.log").read_text()
     resumed = [line for line in log.splitlines() if "finished earlier" in line][-1]
     assert f"({N_TILES - len(kept)} to compute, {len(kept)} finished earlier)" in resumed
@@ -282,7 +262,9 @@ def _fail_every_try(item: int, *, log: str) -> int:
     return item
 
 
-def test_a_tile_failing_every_try_is_recorded_and_the_run_is_partial(work, cluster, tmp_path):
+def test_a_tile_failing_every_try_is_recorded_and_the_run_is_partial(
+    work, shared_cluster, tmp_path
+):
     import json
 
     means = _tile_means(work / "s.tiff")
@@ -294,11 +276,11 @@ def test_a_tile_failing_every_try_is_recorded_and_the_run_is_partial(work, clust
     sidecar = {"class_names": ["background", "lymphocyte", "nucleus"], "in_channels": 1}
     model.with_suffix(".json").write_text(json.dumps({**sidecar, "mpp": 0.5}))
     out = tmp_path / "p.ome.zarr"
-    cmd = _run_cmd(work, out, "--scheduler", cluster.address)
+    cmd = _run_cmd(work, out, "--scheduler", shared_cluster.address)[3:]
     cmd[cmd.index("--model") + 1] = str(model)
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=WAIT)
-    assert done.returncode == 3, done.stdout + done.stderr  # "partial"
-    assert "3 tries" in " ".join(done.stderr.split())
+    done = _invoke(*cmd)
+    assert done.exit_code == 3, done.output  # "partial"
+    assert "3 tries" in " ".join(done.output.split())
     view = read_output(out)
     assert view.finalized
     records = {t["index"]: t for t in view.tiles}
@@ -316,7 +298,7 @@ def test_a_tile_failing_every_try_is_recorded_and_the_run_is_partial(work, clust
 
     # The number of tries is Dask's retries= + 1, on the same cluster.
     log = tmp_path / "tries.log"
-    with TaskRunner(cluster.address, retries=2) as runner:
+    with TaskRunner(shared_cluster.address, retries=2) as runner:
         results = dict(
             runner.map(_fail_every_try, range(4), shared={"log": str(log)}, errors="return")
         )
@@ -324,6 +306,30 @@ def test_a_tile_failing_every_try_is_recorded_and_the_run_is_partial(work, clust
     assert isinstance(results[1], TaskError) and results[1].attempts == 3
     assert "ValueError: tile 1 is broken" in results[1].error
     assert log.read_text().split().count("1") == 3
+
+
+def test_a_worker_killed_mid_run_changes_nothing(work, shared_cluster, tmp_path):
+    """kill -9 one of two workers mid-run: the run completes, bit-identical to sync."""
+    out = tmp_path / "w.ome.zarr"
+    proc = subprocess.Popen(
+        _run_cmd(work, out, "--scheduler", shared_cluster.address),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        at_kill = _wait_for_records(out / "wsi_hipe" / "tiles.jsonl", 2, proc)
+        assert proc.poll() is None and 2 <= at_kill < N_TILES, "no run to kill a worker in"
+        shared_cluster.kill_worker(0)
+        output, _ = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    view = read_output(out)
+    assert sorted(t["index"] for t in view.tiles if t["status"] == "done") == list(range(N_TILES))
+    _assert_same_arrays(out, work / "sync.ome.zarr")
 
 
 # --- many slides at once ------------------------------------------------------------------------
@@ -394,22 +400,6 @@ def test_a_batch_starts_the_next_slide_while_the_last_tiles_run(tmp_path):
 # --- models travel as CPU weights -----------------------------------------------------------------
 
 
-def test_a_cpu_model_state_on_a_2_process_cluster_equals_sync(tmp_path):
-    from wsi_hipe.synthetic import write_slide
-
-    slide = tmp_path / "s.tiff"
-    write_slide(slide, size=(192, 128), seed=3, tile_size=128, ground_truth=False)
-    cfg = load_config(overrides={**SMALL, "hipe.max_depth": 2, "hipe.start_grid": 4})
-    model = tiny_model()  # an in-memory nn.Module: no file a worker could load it from
-    assert pipeline.explain_slide(slide, tmp_path / "sync.ome.zarr", config=cfg, model=model).ok
-    result = pipeline.explain_slide(
-        slide, tmp_path / "local.ome.zarr", config=cfg, model=model, scheduler="local:2"
-    )
-    assert result.ok and result.computed == 6
-    _assert_same_arrays(tmp_path / "local.ome.zarr", tmp_path / "sync.ome.zarr")
-    assert model.device.type == "cpu"
-
-
 # --- GPU workers: one GPU and two threads each ---------------------------------------------------
 
 
@@ -432,7 +422,7 @@ def test_gpu_pinning_is_round_robin_over_the_visible_gpus():
     assert all(o["nthreads"] == 1 and "env" not in o and "resources" not in o for o in cpu)
 
 
-def test_gpu_workers_need_a_gpu_here_but_a_scheduling_process_does_not(monkeypatch):
+def test_gpu_workers_need_a_gpu_here_but_a_scheduling_process_does_not(tmp_path, monkeypatch):
     from wsi_hipe.errors import ConfigError
     from wsi_hipe.pipeline._inputs import load_for, wants_gpu
 
@@ -443,22 +433,38 @@ def test_gpu_workers_need_a_gpu_here_but_a_scheduling_process_does_not(monkeypat
     # and the model it keeps is a CPU copy.
     cfg = load_config(overrides={"model.device": "cuda"})
     assert wants_gpu(None, cfg) and not wants_gpu(tiny_model(), cfg)
-    assert load_for("bundled", cfg, remote=True).device.type == "cpu"
+    model = str(save_tiny_model(tmp_path / "tiny.pt"))
+    assert load_for(model, cfg, remote=True).device.type == "cpu"
 
 
 def _visible(item: int) -> str:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "")
 
 
-def test_local_gpu_workers_each_see_one_gpu(monkeypatch):
-    """No GPU here: pretend the machine lists GPUs 7 and 9; each worker process sees one."""
+def test_a_cpu_model_state_reaches_pinned_gpu_workers_and_equals_sync(tmp_path, monkeypatch):
+    """The GPU scheduling path without a GPU: the machine pretends to list GPUs 7 and 9; a
+    2-process local cluster pins one to each worker (2 threads each), and an in-memory model
+    (CPU state: no file a worker could load) reaches them and gives the sync run's output."""
+    from wsi_hipe.synthetic import write_slide
+
+    slide = tmp_path / "s.tiff"
+    write_slide(slide, size=(192, 128), seed=3, tile_size=128, ground_truth=False)
+    cfg = load_config(overrides={**SMALL, "hipe.max_depth": 2, "hipe.start_grid": 4})
+    model = tiny_model()
+    assert pipeline.explain_slide(slide, tmp_path / "sync.ome.zarr", config=cfg, model=model).ok
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7,9")
     with TaskRunner("local:2", gpu=True) as runner:
         assert sorted(runner.client.nthreads().values()) == [2, 2]
         seen = runner.client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
         tasks = {result for _, result in runner.map(_visible, range(8))}
+        result = pipeline.explain_slide(
+            slide, tmp_path / "local.ome.zarr", config=cfg, model=model, scheduler=runner
+        )
     assert sorted(seen.values()) == ["7", "9"]
     assert tasks <= {"7", "9"} and tasks
+    assert result.ok and result.computed == 6
+    _assert_same_arrays(tmp_path / "local.ome.zarr", tmp_path / "sync.ome.zarr")
+    assert model.device.type == "cpu"
 
 
 # --- SLURM through dask-jobqueue --------------------------------------------------------------------
@@ -517,20 +523,29 @@ def slurm(tmp_path_factory):
         cluster.close()
 
 
-def test_a_real_slurm_job_runs_the_tiles(work, slurm, tmp_path):
+def test_a_real_slurm_job_runs_the_tiles(slurm, tmp_path, monkeypatch):
     """A single-node SLURM from the OS packages: the workers are sbatch jobs."""
+    from wsi_hipe.synthetic import write_slide
+
+    slide = tmp_path / "s.tiff"
+    write_slide(slide, size=(192, 128), seed=3, tile_size=128, ground_truth=False)
+    model = save_tiny_model(tmp_path / "tiny.pt")
+    small = "tiling: {tile_size: 64, halo: 16, min_tissue: 0.0}\nscore: {floor: 0.0}\n"
+    small += "hipe: {max_depth: 2, start_grid: 4, batch_size: 64}\n"
     cfg = tmp_path / "slurm.yaml"
     cfg.write_text(
-        CLUSTER_YAML + "schedule:\n  scheduler: slurm\n  jobqueue:\n    interface: lo\n"
+        small + "schedule:\n  scheduler: slurm\n  jobqueue:\n    interface: lo\n"
         "    cores: 1\n    memory: 2GB\n    walltime: '00:10:00'\n    minimum_jobs: 1\n"
-        "    maximum_jobs: 2\n"
+        "    maximum_jobs: 1\n    job_script_prologue: ['export OMP_NUM_THREADS=1']\n"
         f"    log_directory: {tmp_path / 'jobs'}\n"
     )
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
     out = tmp_path / "slurm.ome.zarr"
-    cmd = _run_cmd(work, out)
-    cmd[cmd.index("-c") + 1] = str(cfg)
-    env = {**_env(), "SLURM_CONF": slurm.env["SLURM_CONF"]}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WAIT)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = _invoke("run", slide, "-o", out, "-c", cfg, "--model", model)
+    assert done.exit_code == 0, done.output
     assert list((tmp_path / "jobs").glob("*.err")), "no SLURM job ran"
-    _assert_same_arrays(out, work / "sync.ome.zarr")
+    ref = tmp_path / "sync.ome.zarr"
+    sync = load_config(cfg, {"schedule.scheduler": "sync", "model.path": str(model)})
+    assert pipeline.explain_slide(slide, ref, config=sync).ok
+    _assert_same_arrays(out, ref)
