@@ -89,11 +89,13 @@ LAYERS = {
     "tissue": 1,
     "stitch": 1,
     "metrics": 1,
+    "cells": 1,
     "slide": 2,
     "models": 2,
     "omezarr": 2,
     "synthetic": 2,
     "baselines": 2,
+    "export": 2,
     "provenance": 3,  # slide and model identity: uses models (L2) for the one file hash
     "pipeline": 3,
     "schedule": 3,
