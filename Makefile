@@ -20,7 +20,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# A virtual X server for the napari tests (Debian packages; needs root, otherwise say what to do).
+# A virtual X server for the napari tests and a single-node SLURM for the cluster test (Debian
+# packages; need root, otherwise say what to do).
 sysdeps:
 	@if ! command -v xvfb-run >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -32,6 +33,12 @@ sysdeps:
 	    echo "xvfb-run not found: install xvfb (apt-get install xvfb) to run the napari tests;" \
 	         "they are skipped without a display"; \
 	  fi; \
+	fi
+	@# A private single-node SLURM for the real batch-system test (skipped without it).
+	@if ! command -v slurmctld >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    slurmctld slurmd slurm-client munge >/dev/null) \
+	  || echo "SLURM packages not installed: the real SLURM test will be skipped"; \
 	fi
 
 # The main job: a synthetic Hoechst slide through the bundled U-Net, HiPe and the OME-Zarr writer.
