@@ -66,6 +66,17 @@ diameter: the immediate neighbourhood); ``beyond = total − inside − ring``; 
 ``(total − inside) / total`` is how much of the explanation lies outside the cell (NaN when
 ``total = 0``: nothing to share). Rings of neighbouring cells overlap and may cover other cells:
 each summary is about one cell's own map.
+
+Reading the context share. HiPe credits a score drop to *every pixel of the perturbed window*,
+so a pixel sum weights each window's drop by its area, and the coarse depths (depth-1 windows are
+a quarter of the tile or more) dominate the mass. Even a model that looks only at the cell's own
+pixels therefore has most of a small cell's saliency mass outside it: measured 0.88 for a
+pixel-wise model on 8 px discs in a 64 px tile (``tests/test_cells.py``), and a median of 0.956
+(10–90 %: 0.937–0.971) for the bundled U-Net's lymphocytes in a 320 px tile at the default depth
+(finest windows 10 px), against 0.982 (0.955–0.992) for a toy that calls a nucleus a lymphocyte
+when its neighbourhood is bright. Compare context shares between models, settings or cells
+explained with the same HiPe settings; an absolute value means little on its own, and settings
+that stop at coarse windows (the demo's: finest windows 72 px) leave every cell near 1.
 """
 
 from __future__ import annotations
