@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,12 +27,15 @@ class TileOutcome:
         The core of the argmax segmentation.
     cell_mask : ndarray or None
         :func:`explain_cell` only: the explained cell.
+    cells : wsi_hipe.omezarr.CellRows or None
+        ``explain_slide(..., cells=True)``: the tile's cells (rows and masks, no maps).
     """
 
     record: dict
     saliency: np.ndarray | None = None
     segmentation: np.ndarray | None = None
     cell_mask: np.ndarray | None = None
+    cells: Any = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ class SlideResult:
         Records of the failed tiles (``index``, ``y``, ``x``, ``error``).
     seconds : float
     fingerprint : str
+    cells : int or None
+        Cells in the output's table (``explain_slide(..., cells=True)``), None without cells.
     """
 
     slide: str
@@ -146,6 +152,7 @@ class SlideResult:
     failed: list
     seconds: float
     fingerprint: str
+    cells: int | None = None
 
     @property
     def ok(self) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_hipe.config import Config
+from wsi_hipe.pipeline._cells import CellSettings
 from wsi_hipe.pipeline._inputs import (
     as_slide,
     check_model_for,
@@ -66,6 +67,7 @@ def explain_slide(
     scheduler: SchedulerLike | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    cells: bool = False,
 ) -> SlideResult:
     """Segment and explain every tissue tile of a slide into an OME-Zarr.
 
@@ -90,6 +92,11 @@ def explain_slide(
     progress : callable, optional
         ``progress(done, total)`` in tiles (:data:`~wsi_hipe.pipeline.Progress`), after every
         tile written; tiles finished earlier count as done from the start.
+    cells : bool
+        Also explain every instance of ``score.class`` (e.g. each lymphocyte): each tile's
+        cells are one vector HiPe run in the tile's passes (:mod:`~wsi_hipe.pipeline._cells`);
+        the output gains ``labels/cells`` and ``tables/cells``. The tile maps are the same as
+        without cells. Resuming needs the same choice.
 
     Returns
     -------
@@ -102,7 +109,8 @@ def explain_slide(
     OutputError
         ``output`` exists and is not a wsi-hipe output.
     ResumeMismatchError
-        ``output`` was made with another configuration, model or slide (use ``overwrite``).
+        ``output`` was made with another configuration, model or slide, or with(out) cells
+        (use ``overwrite``).
 
     Notes
     -----
@@ -127,11 +135,14 @@ def explain_slide(
         meta = model_obj.meta
         slide_obj.check_model(meta.in_channels, meta.channel_names, model=f"model {meta.source!r}")
         tissue, grid = _plan(slide_obj, cfg)
+        cell_settings = CellSettings.of(cfg, model_obj, grid) if cells else None
         slide_prov = slide_identity(slide_obj)
         dtype = _tasks_dtype(model_obj, cfg, runner)
         fingerprint, provenance = _identity(slide_obj, slide_prov, model_obj, cfg, grid, dtype)
-        store = _create_store(output, grid, cfg, slide_obj, fingerprint, provenance, overwrite)
-        run = _SlideRun(store, grid, slide_obj, model_obj, cfg)
+        store = _create_store(
+            output, grid, cfg, slide_obj, fingerprint, provenance, overwrite, cell_settings
+        )
+        run = _SlideRun(store, grid, slide_obj, model_obj, cfg, cell_settings)
         todo, passes, records = run.resume(tissue, runner=runner, progress=progress)
     finally:
         if owned:
@@ -153,6 +164,7 @@ def explain_slide(
         failed=failed,
         seconds=time.perf_counter() - t_start,
         fingerprint=fingerprint,
+        cells=run.cell_count(),
     )
 
 
@@ -235,8 +247,10 @@ def _identity(
     return fingerprint, provenance
 
 
-def _create_store(output, grid, cfg, slide, fingerprint, provenance, overwrite) -> OutputStore:
-    """Create the output (or reopen a matching one: resume)."""
+def _create_store(
+    output, grid, cfg, slide, fingerprint, provenance, overwrite, cells=None
+) -> OutputStore:
+    """Create the output (or reopen a matching one: resume); ``cells`` a :class:`CellSettings`."""
     from wsi_hipe.omezarr import create_output
 
     return create_output(
@@ -250,6 +264,7 @@ def _create_store(output, grid, cfg, slide, fingerprint, provenance, overwrite) 
         ngff=cfg.output.ngff,
         overwrite=overwrite,
         resume=not overwrite,
+        cells=None if cells is None else cells.info(),
     )
 
 
@@ -275,6 +290,15 @@ class _SlideRun:
     slide: Slide
     model: SegmentationModel
     cfg: Config
+    cells: CellSettings | None = None
+
+    def cell_count(self) -> int | None:
+        """Cells in the finalized output's table (None without cells)."""
+        if self.cells is None:
+            return None
+        from wsi_hipe.omezarr import read_output
+
+        return int(read_output(self.store.path).provenance["output"].get("cell_count", 0))
 
     def resume(
         self, tissue: TissueMask, *, runner: Runner, progress: Progress | None
@@ -318,7 +342,7 @@ class _SlideRun:
             return 0
         model_ref = ModelRef.of(self.model, self.cfg)
         shared: dict[str, Any] = {
-            "spec": TileSpec.of(self.cfg, model_ref),
+            "spec": TileSpec.of(self.cfg, model_ref, self.cells),
             "slide": self.slide,
             "model": tasks_model(self.model, self.cfg, runner),
         }
@@ -331,6 +355,8 @@ class _SlideRun:
             else:
                 if outcome.saliency is not None:
                     self.store.write_tile(job.y, job.x, outcome.saliency, outcome.segmentation)
+                if outcome.cells is not None:  # after the tile's chunks, before its record
+                    self.store.write_cells(outcome.cells)
                 record = outcome.record
             self.store.record_tile(record)
             passes += int(record["passes"] or 0)

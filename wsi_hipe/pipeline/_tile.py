@@ -55,6 +55,7 @@ from wsi_hipe.schedule import worker_cache
 
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_hipe.models import SegmentationModel
+    from wsi_hipe.pipeline._cells import CellSettings
     from wsi_hipe.scores import Score
     from wsi_hipe.slide import Slide
     from wsi_hipe.tiling import Tile, TileGrid
@@ -146,6 +147,7 @@ class TileSpec:
     class_index: int
     floor: float
     hipe: dict
+    cells: CellSettings | None = None
 
     @property
     def side(self) -> int:
@@ -153,7 +155,8 @@ class TileSpec:
         return self.tile_size + 2 * self.halo
 
     @classmethod
-    def of(cls, cfg: Config, model_ref: ModelRef) -> TileSpec:
+    def of(cls, cfg: Config, model_ref: ModelRef, cells: CellSettings | None = None) -> TileSpec:
+        """``cells``: also find and explain every cell of each tile (:mod:`._cells`)."""
         h = cfg.hipe
         return cls(
             model=model_ref,
@@ -173,6 +176,7 @@ class TileSpec:
                 # The authors' code never stops early: a score floor of -inf disables the stop.
                 **({} if h.early_stop else {"stop_rtol": 0.0, "stop_atol": -math.inf}),
             },
+            cells=cells,
         )
 
 
@@ -265,7 +269,25 @@ def compute_tile(
     forward = tile_score(model, spec, job.core, cell_mask)
     score = float(forward.from_logits(logits)[0])
     passes = 1
-    if cell_mask is None and spec.score_kind != "logit" and score <= spec.floor:
+    explain_tile = cell_mask is not None or spec.score_kind == "logit" or score > spec.floor
+    cell_rows = None
+    if spec.cells is not None and cell_mask is None:
+        # The tile's score and its cells: one vector HiPe run (the tile map as without cells).
+        h, w = job.core
+        found = spec.cells.explain(
+            model, x, logits, segmentation, core=(spec.halo, spec.halo, h, w), mpp=spec.mpp,
+            floor=spec.floor, tile_score=forward if explain_tile else None,
+            hipe={**spec.hipe, "device": device}, progress=hipe_progress,
+        )  # fmt: skip
+        cell_rows = spec.cells.rows(found, tile=job.index, origin=(job.y, job.x), halo=spec.halo)
+        saliency = found.tile_saliency
+        if saliency is None:
+            saliency = np.zeros((side, side), dtype=np.float32)
+        passes += found.forward_passes
+        record["status"] = "done" if explain_tile else "skipped"
+        record["cells"] = int(found.cells.n)
+        record["cells_explained"] = int((found.status == "done").sum())
+    elif not explain_tile:
         saliency = np.zeros((side, side), dtype=np.float32)
         record["status"] = "skipped"
     else:
@@ -284,6 +306,7 @@ def compute_tile(
         record,
         np.ascontiguousarray(saliency[core], dtype=np.float32),
         np.ascontiguousarray(segmentation[core]),
+        cells=cell_rows,
     )
 
 
