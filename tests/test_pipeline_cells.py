@@ -173,3 +173,61 @@ def test_geojson_of_a_pipeline_run_matches_its_table(tmp_path, runs):
         assert area == pytest.approx(
             obs.loc[str(m["instance_id"]), "area_um2"] / view.mpp**2 * s * s
         )
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """A small synthetic slide, NucleusNet as TorchScript (+ sidecar) and a small config."""
+    from wsi_hipe.synthetic import write_slide
+
+    root = tmp_path_factory.mktemp("cli_cells")
+    write_slide(root / "s.tiff", size=(192, 128), seed=0, tile_size=128, ground_truth=False)
+    torch.jit.script(NucleusNet()).save(str(root / "nuc.pt"))
+    sidecar = {"class_names": ["background", "lymphocyte", "nucleus"], "activation": "softmax",
+               "in_channels": 1, "mpp": 0.5}  # fmt: skip
+    (root / "nuc.json").write_text(json.dumps(sidecar))
+    (root / "small.yaml").write_text(
+        "tiling: {tile_size: 64, halo: 16, min_tissue: 0.0}\nscore: {floor: 1.0}\n"
+        "hipe: {max_depth: 2, start_grid: 4, batch_size: 64}\n"
+    )
+    return root
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from wsi_hipe.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_run_cells_and_export(cli_files, tmp_path):
+    out = tmp_path / "o.ome.zarr"
+    base = ["run", cli_files / "s.tiff", "-c", cli_files / "small.yaml", "--model",
+            cli_files / "nuc.pt"]  # fmt: skip
+    result = _cli(*base, "-o", out, "--cells")
+    assert result.exit_code == 0, result.output
+    n = read_output(out).provenance["output"]["cell_count"]
+    assert f"{n} cells in" in result.output
+    result = _cli("export", out, "--geojson", tmp_path / "c.geojson", "--csv", tmp_path / "c.csv")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "c.geojson").read_text())["features"]) == n
+    assert len((tmp_path / "c.csv").read_text().splitlines()) == n + 1
+    assert _cli("export", out).exit_code == 2
+
+
+def test_cli_refuses_cells_on_an_output_without_them(cli_files, tmp_path):
+    out = tmp_path / "o.ome.zarr"
+    base = ["run", cli_files / "s.tiff", "-c", cli_files / "small.yaml", "--model",
+            cli_files / "nuc.pt", "-o", out]  # fmt: skip
+    assert _cli(*base).exit_code == 0
+    result = _cli(*base, "--cells")
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "without cells" in text and "--overwrite" in text and "overwrite=True" not in text
+    result = _cli("export", out, "--csv", tmp_path / "c.csv")
+    assert result.exit_code == 1 and "wsi-hipe run --cells" in " ".join(result.output.split())
+    assert _cli(*base, "--cells", "--overwrite").exit_code == 0

@@ -151,6 +151,7 @@ def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
 #: line the same fix is a flag.
 _CLI_FIXES = (
     ("overwrite=True", "--overwrite"),
+    ("with cells=True", "with wsi-hipe run --cells"),
     ("allow_brightfield=True", "--allow-brightfield"),
     ("to another path", "to another path (-o)"),
     ("rerun the same call", "rerun the same command (--scheduler tcp://HOST:PORT of the new one)"),
@@ -361,7 +362,9 @@ def _print_result(result: SlideResult) -> None:
         _console().print(f"[red]... and {len(result.failed) - 20} more failed tiles[/]")
 
 
-def _run_slide(slide, output: Path, cfg, *, overwrite: bool, label: str = "tiles"):
+def _run_slide(
+    slide, output: Path, cfg, *, overwrite: bool, label: str = "tiles", cells: bool = False
+):
     from wsi_hipe.pipeline import explain_slide
 
     with _progress() as bars, _run_log(output):
@@ -371,7 +374,9 @@ def _run_slide(slide, output: Path, cfg, *, overwrite: bool, label: str = "tiles
             bars.update(task, completed=done, total=total)
 
         logger.info("wsi-hipe run %s -o %s (config %s)", slide, output, cfg.fingerprint()[:12])
-        result = explain_slide(slide, output, config=cfg, overwrite=overwrite, progress=progress)
+        result = explain_slide(
+            slide, output, config=cfg, overwrite=overwrite, progress=progress, cells=cells
+        )
     return result
 
 
@@ -400,6 +405,14 @@ def run(
     plane: PlaneOpt = None,
     allow_brightfield: BrightfieldOpt = None,
     print_job_script: JobScriptOpt = False,
+    cells: Annotated[
+        bool,
+        typer.Option(
+            "--cells",
+            help="Also explain every cell of the score class (each lymphocyte): labels/cells "
+            "and the tables/cells table (wsi-hipe export writes them for QuPath / as CSV).",
+        ),
+    ] = False,
 ) -> None:
     """Explain one slide into an OME-Zarr (resumes an interrupted run of the same command)."""
     cfg = _load_config(
@@ -426,8 +439,10 @@ def run(
         _print_job_script(cfg)
         return
     with _errors():
-        result = _run_slide(slide, output, cfg, overwrite=overwrite)
+        result = _run_slide(slide, output, cfg, overwrite=overwrite, cells=cells)
     _print_result(result)
+    if result.cells is not None:
+        _console().print(f"{result.cells} cells in {result.output / 'tables' / 'cells'}")
     typer.echo(str(result.output))
     if not result.ok:
         raise _fail(
@@ -720,6 +735,29 @@ def synth(
             )
             logger.info("wrote %s (%s cells)", slide.path, slide.n_cells)
     typer.echo(str(output))
+
+
+@app.command()
+def export(
+    output: Annotated[Path, typer.Argument(help="An OUT.ome.zarr written with --cells.")],
+    geojson: Annotated[
+        Path | None,
+        typer.Option("--geojson", help="Write the cells as QuPath detections (GeoJSON)."),
+    ] = None,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Write the cells table as CSV.")] = None,
+) -> None:
+    """Export an output's cells: QuPath detections (--geojson) and/or a CSV table (--csv)."""
+    from wsi_hipe.export import export_csv, export_geojson
+
+    if geojson is None and csv is None:
+        raise _fail("nothing to export: pass --geojson FILE and/or --csv FILE", 2)
+    with _errors():
+        if geojson is not None:
+            n = export_geojson(output, geojson)
+            _console().print(f"{n} cells → {geojson} (QuPath: File ▸ Import objects from file)")
+        if csv is not None:
+            n = export_csv(output, csv)
+            _console().print(f"{n} cells → {csv}")
 
 
 @app.command()

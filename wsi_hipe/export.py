@@ -65,7 +65,7 @@ def _cells_of(output: OutputLike) -> tuple[OutputView, CellsView]:
     if view.cells is None:
         raise OutputError(
             f"{view.path} has no cells: it was explained without them; explain the slide with "
-            "cells to export them"
+            "cells=True to export them"
         )
     return view, view.cells
 
