@@ -430,7 +430,8 @@ def output_layer_data(path: str | Path, *, with_slide: bool = True) -> list[Laye
     Returns
     -------
     list of (data, kwargs, layer_type)
-        Bottom to top: slide, saliency (additive, perceptual colormap), segmentation, tissue.
+        Bottom to top: slide, saliency (additive, perceptual colormap), segmentation, tissue,
+        and for an output made with cells the ``cells`` labels with the table as features.
         Every layer is lazy (dask arrays per level) and placed by its level-0 transform in µm;
         ``metadata["wsi_hipe"]["levels"]`` lists every level's transform.
 
@@ -474,7 +475,27 @@ def output_layer_data(path: str | Path, *, with_slide: bool = True) -> list[Laye
         if name in colormaps:
             kwargs["colormap"] = colormaps[name]
         layers.append((list(label_levels), kwargs, "labels"))
+    if view.cells is not None:
+        layers.append(cells_layer_data(view, placement, levels_meta))
     return layers
+
+
+def cell_features(view: Any) -> Any:
+    """The cells table as napari Labels ``features``: one row per cell, ``index`` = its id."""
+    frame = view.cells.frame().reset_index(drop=True)
+    frame.insert(0, "index", frame["instance_id"].to_numpy())
+    return frame
+
+
+def cells_layer_data(view: Any, placement: dict[str, Any], levels_meta: list) -> LayerData:
+    """``labels/cells`` as a labels layer whose ``features`` are the cells table (hovering a
+    cell shows its row: score, saliency inside / ring / beyond, context share)."""
+    meta = {"kind": "cells", "output": str(view.path), "levels": levels_meta,
+            "info": dict(view.cells.info)}  # fmt: skip
+    kwargs: dict[str, Any] = {"name": "cells", **placement, "opacity": 0.6,
+                              "features": cell_features(view),
+                              "metadata": {"wsi_hipe": meta}}  # fmt: skip
+    return (list(view.cells.labels), kwargs, "labels")
 
 
 def result_layer_data(result: Any, *, slide_mpp: float, name: str) -> list[LayerData]:
