@@ -67,3 +67,35 @@ def test_hovering_a_cell_shows_its_row(make_napari_viewer, output):
     text = status["coordinates"] if isinstance(status, dict) else str(status)
     share = frame.loc[str(value), "context_share"]
     assert "context_share" in text and f"{share:.3g}"[:4] in text
+
+
+@pytest.mark.napari
+@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (xvfb-run)")
+def test_widget_shows_stored_numbers_and_colours_cells(make_napari_viewer, output):
+    import matplotlib
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from wsi_hipe.napari._widget import ExplainWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(output), plugin="wsi-hipe")
+    widget = ExplainWidget(viewer)
+    view = read_output(output)
+    frame = view.cells.frame()
+    y_um, x_um = view.transform(0).to_world(40, 64)  # a disc of test_tables
+    assert widget.explain_cell(y_um, x_um) is None  # stored: shown at once, nothing run
+    row = widget.last_cell_row
+    assert row is not None and str(int(row["instance_id"])) in frame.index
+    assert f"cell {int(row['instance_id'])} (stored)" in widget._status.value
+    assert f"context share {row['context_share']:.2f}" in widget._status.value
+
+    layer = viewer.layers["cells"]
+    widget.color_cells("context share")
+    assert isinstance(layer.colormap, DirectLabelColormap)
+    cell = int(row["instance_id"])
+    expected = matplotlib.colormaps["viridis"](row["context_share"])
+    np.testing.assert_allclose(layer.colormap.color_dict[cell], expected, atol=1e-6)
+    widget.color_cells("label")
+    assert not isinstance(layer.colormap, DirectLabelColormap)
+    with pytest.raises(ValueError, match="colour cells by one of"):
+        widget.color_cells("area")

@@ -592,3 +592,72 @@ def result_transform(result: Any, *, slide_mpp: float | None = None) -> PixelTra
         raise ValueError("the result carries no slide_mpp; pass slide_mpp= (µm per level-0 px)")
     x0, y0 = (float(v) for v in result.origin)
     return pixel_transform(m0, float(result.scale), origin=(y0, x0))
+
+
+#: What the widget can colour cells by: the cells table's column (None = napari's own colours).
+CELL_COLORINGS: dict[str, str | None] = {
+    "label": None,
+    "context share": "context_share",
+    "own score": "score",
+}
+
+
+def color_cells(layer: Any, by: str) -> None:
+    """Colour a ``cells`` labels layer by a column of its features (``CELL_COLORINGS``).
+
+    Cells are coloured by the column's value through viridis over its range in this table
+    (0..1 for the context share); cells without a value (a skipped cell's context share) grey.
+    ``by="label"`` restores napari's cyclic label colours.
+    """
+    import matplotlib
+    from napari.utils.colormaps import DirectLabelColormap, label_colormap
+
+    if by not in CELL_COLORINGS:
+        raise ValueError(f"colour cells by one of {list(CELL_COLORINGS)}, got {by!r}")
+    column = CELL_COLORINGS[by]
+    if column is None:
+        layer.colormap = label_colormap()
+        return
+    features = layer.features
+    values = features[column].to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    lo, hi = (
+        (0.0, 1.0)
+        if column == "context_share"
+        else ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
+    )
+    span = hi - lo if hi > lo else 1.0
+    cmap = matplotlib.colormaps["viridis"]
+    colors: dict[int | None, Any] = {None: np.array([0.5, 0.5, 0.5, 1.0]), 0: np.zeros(4)}
+    for cell_id, value in zip(features["index"].to_numpy(), values, strict=True):
+        if np.isfinite(value):
+            colors[int(cell_id)] = np.asarray(cmap((value - lo) / span), dtype=float)
+    layer.colormap = DirectLabelColormap(color_dict=colors)
+
+
+def cell_row_at(layers: Any, y_um: float, x_um: float) -> dict[str, Any] | None:
+    """The stored table row of the cell under a world point, from the first ``cells`` layer
+    that has one there (None when no cells layer holds a cell at the point)."""
+    for layer in layers:
+        meta = getattr(layer, "metadata", {}).get("wsi_hipe", {})
+        if meta.get("kind") != "cells":
+            continue
+        value = layer.get_value((y_um, x_um), world=True)
+        value = value[1] if isinstance(value, tuple) else value
+        if value is None or int(value) == 0:
+            continue
+        rows = layer.features[layer.features["index"] == int(value)]
+        if len(rows):
+            return rows.iloc[0].to_dict()
+    return None
+
+
+def describe_cell(row: dict[str, Any]) -> str:
+    """One line of a cell's stored numbers (the widget's status)."""
+    share = row.get("context_share")
+    share_text = "n/a" if share is None or not np.isfinite(share) else f"{share:.2f}"
+    return (
+        f"cell {int(row['instance_id'])} (stored): score {row['score']:.1f}, saliency inside "
+        f"{row['saliency_inside']:.3g} / ring {row['saliency_ring']:.3g} / beyond "
+        f"{row['saliency_beyond']:.3g}, context share {share_text}"
+    )

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import (
+    CheckBox,
     ComboBox,
     Container,
     FileEdit,
@@ -34,7 +35,14 @@ from magicgui.widgets import (
 
 from wsi_hipe.config import SUBSTRATES, canonical_substrate
 from wsi_hipe.models import DEFAULT_CLASS_NAMES
-from wsi_hipe.napari._layers import result_layer_data, slide_info
+from wsi_hipe.napari._layers import (
+    CELL_COLORINGS,
+    cell_row_at,
+    color_cells,
+    describe_cell,
+    result_layer_data,
+    slide_info,
+)
 from wsi_hipe.tiling import pixel_transform
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,6 +150,7 @@ class ExplainWidget(Container):
         self.worker: Any = None
         self.last_result: RegionResult | None = None
         self.last_layers: list[Any] = []
+        self.last_cell_row: dict[str, Any] | None = None
 
         self._slide = ComboBox(label="slide", choices=self._slide_choices)
         self._model = ComboBox(label="model", choices=("bundled", "file"), value="bundled")
@@ -159,6 +168,14 @@ class ExplainWidget(Container):
         self._region_button = PushButton(text="Explain region")
         self._cell_button = PushButton(text="Explain cell (click one)")
         self._cancel_button = PushButton(text="Cancel", enabled=False)
+        self._rerun = CheckBox(
+            text="re-run cells in a cells table", value=False,
+            tooltip="off: a cell of an output's cells layer shows its stored numbers at once",
+        )  # fmt: skip
+        self._cell_color = ComboBox(
+            label="colour cells", choices=tuple(CELL_COLORINGS), value="label",
+            tooltip="colour the cells layers by a column of their table",
+        )  # fmt: skip
         self._status = Label(value="ready")
         super().__init__(
             widgets=[
@@ -173,6 +190,8 @@ class ExplainWidget(Container):
                 self._shapes,
                 self._region_button,
                 self._cell_button,
+                self._rerun,
+                self._cell_color,
                 self._cancel_button,
                 self._status,
             ],
@@ -184,6 +203,7 @@ class ExplainWidget(Container):
         self._region_button.changed.connect(self._on_region_clicked)
         self._cell_button.changed.connect(self._on_cell_clicked)
         self._cancel_button.changed.connect(self.cancel)
+        self._cell_color.changed.connect(self.color_cells)
         viewer.layers.events.inserted.connect(self.reset_choices)
         viewer.layers.events.removed.connect(self.reset_choices)
         viewer.mouse_drag_callbacks.append(self._on_mouse)
@@ -441,9 +461,26 @@ class ExplainWidget(Container):
             )
         return self._start("region", layer, box=box)
 
+    def color_cells(self, by: str | None = None) -> None:
+        """Colour every cells layer by ``by`` (a ``CELL_COLORINGS`` key; default the widget's)."""
+        by = self._cell_color.value if by is None else by
+        for layer in self._viewer.layers:
+            if layer.metadata.get("wsi_hipe", {}).get("kind") == "cells":
+                color_cells(layer, by)
+
     def explain_cell(self, y_um: float, x_um: float) -> Any:
         """Explain the segmented cell under the world point ``(y_um, x_um)`` (µm); the score
-        is that cell's area. Returns the started thread worker."""
+        is that cell's area. Returns the started thread worker.
+
+        A cell of an output's cells layer shows its stored row at once (``last_cell_row``,
+        the status line); with "re-run cells" on, it is also explained again at the widget's
+        depth (0 = full depth). Returns None when only the stored numbers are shown."""
+        row = cell_row_at(self._viewer.layers, float(y_um), float(x_um))
+        self.last_cell_row = row
+        if row is not None:
+            self._status.value = describe_cell(row)
+            if not self._rerun.value:
+                return None
         layer = self.slide_layer()
         info = slide_info(layer)
         # Level-0 pixel i is centred at world i·mpp and spans continuous coordinates [i, i+1).
