@@ -16,9 +16,17 @@
     vector / tile (the price of ``--cells`` over a plain run), cells per second, and the largest
     relative difference between a cell's summary from the vector run and from its own run.
 
+``rss``
+    Peak resident memory of ``explain_slide`` with and without ``cells=True`` on the mostly
+    empty 20k² and 80k² slides of ``bench_pipeline.py rss`` (a 2048² synthetic tissue patch,
+    served lazily), each run in a fresh process, the demo's settings. With cells, memory must
+    stay flat too: only one tile's rows travel, the label repaint and the table consolidation
+    read a few tiles at a time.
+
 Usage::
 
     .venv/bin/python benchmarks/bench_cells.py vector [--tiles 8] [--full-depth] [--threads 2]
+    .venv/bin/python benchmarks/bench_cells.py rss [--sizes 20000 80000] [--model tiny]
 """
 
 from __future__ import annotations
@@ -150,6 +158,69 @@ def bench_vector(args) -> dict:
     return summary
 
 
+def _bench_pipeline():
+    """benchmarks/bench_pipeline.py as a module (its sparse slide, models and /proc helpers)."""
+    import importlib.util
+
+    path = Path(__file__).with_name("bench_pipeline.py")
+    spec = importlib.util.spec_from_file_location("bench_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rss_child(size: int, out: str, model_name: str, cells: bool) -> None:
+    """In a fresh process: one sparse slide, with or without cells; peak RSS as JSON."""
+    from wsi_hipe import pipeline
+    from wsi_hipe.cli import DEMO_OVERRIDES
+    from wsi_hipe.config import load_config
+    from wsi_hipe.slide import open_slide
+
+    bp = _bench_pipeline()
+    torch.set_num_threads(1)
+    model = bp._model(model_name)
+    slide = open_slide(bp.SparseReader(size, patch=2048))
+    before = bp._vm("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (Linux)
+    t0 = time.perf_counter()
+    result = pipeline.explain_slide(
+        slide, out, config=load_config(overrides=DEMO_OVERRIDES), model=model, overwrite=True,
+        cells=cells,
+    )  # fmt: skip
+    peak = bp._vm("VmHWM")
+    row = {
+        "size": size, "cells": result.cells, "tiles": result.tiles_total,
+        "passes": result.forward_passes, "seconds": round(time.perf_counter() - t0, 1),
+        "rss_before_mib": round(before / 1024, 1), "peak_rss_mib": round(peak / 1024, 1),
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+
+
+def bench_rss(args) -> list[dict]:
+    import subprocess
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-cells-rss-") as tmp:
+        for size in args.sizes:
+            for cells in (False, True):
+                out = str(Path(tmp) / f"s{size}-{int(cells)}.ome.zarr")
+                cmd = [sys.executable, __file__, "_rss_child", str(size), out, args.model,
+                       str(int(cells))]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode:
+                    raise SystemExit(f"child {size} cells={cells} failed:\n{proc.stderr[-3000:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print("\n| slide px | cells | tissue tiles | passes | s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        cells = "—" if r["cells"] is None else r["cells"]
+        print(f"| {r['size']}² | {cells} | {r['tiles']} | {r['passes']} | {r['seconds']} | "
+              f"{r['peak_rss_mib']} |")  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -157,9 +228,17 @@ def main(argv=None) -> int:
     v.add_argument("--tiles", type=int, default=8, help="evenly spaced tissue tiles (0: all)")
     v.add_argument("--full-depth", action="store_true", help="the default HiPe settings")
     v.add_argument("--threads", type=int, default=2)
+    r = sub.add_parser("rss", help="peak memory with and without cells on sparse slides")
+    r.add_argument("--sizes", type=int, nargs="+", default=[20000, 80000])
+    r.add_argument("--model", default="tiny", choices=["tiny", "bundled"])
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_rss_child":
+        _rss_child(int(sys.argv[2]), sys.argv[3], sys.argv[4], bool(int(sys.argv[5])))
+        return 0
     args = p.parse_args(argv)
     if args.cmd == "vector":
         bench_vector(args)
+    elif args.cmd == "rss":
+        bench_rss(args)
     return 0
 
 
