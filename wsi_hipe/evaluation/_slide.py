@@ -754,12 +754,12 @@ def _run(config, cfg, net, store, out_path, tmp, keep_maps, progress) -> SlideEv
                 rows = store.get(unit)
                 if rows is None:
                     c = load()
-                    chosen = _faithfulness_tiles(c, cfg, 1)
-                    rows = (
-                        _sanity_rows(c, chosen[0], setting, cfg, net, config, rpx, stages)
-                        if chosen
-                        else []
-                    )
+                    chosen = _faithfulness_tiles(c, cfg, config.sanity.tiles_per_slide)
+                    rows = [
+                        row
+                        for k in chosen
+                        for row in _sanity_rows(c, k, setting, cfg, net, config, rpx, stages)
+                    ]
                     store.put(unit, rows)
                 result.sanity += rows
                 done += 1

@@ -100,12 +100,13 @@ class FaithfulnessSection(_Section):
 
 
 class SanitySection(_Section):
-    """Cascading model randomisation (MPRT) and a random model, on the tile with the most
-    class area of each slide of ``seeds`` (every density), for the grid's substrates at one
-    threshold and depth. ``stages``: module names randomised in order (None: head, decoder,
+    """Cascading model randomisation (MPRT) and a random model, on the ``tiles_per_slide``
+    tiles with the most class area (then the median one) of each slide of ``seeds`` (every
+    density), for the grid's substrates at one threshold and depth. ``stages``: module names randomised in order (None: head, decoder,
     then the encoder's blocks from the deepest; see :func:`model_stages`)."""
 
     seeds: list[int] = Field(default_factory=lambda: [0])
+    tiles_per_slide: int = Field(1, ge=1)
     substrates: list[str] | None = None
     threshold: Threshold = "mid-range"
     depth: DepthSection = Field(default_factory=DepthSection)
