@@ -343,8 +343,10 @@ def assert_maps_equal_separate_runs(vec, seps):
         assert vec.target_thresholds[k] == pytest.approx(sep.thresholds, rel=1e-6, abs=1e-12)
         assert vec.target_stop_reasons[k] == sep.stop_reason
         assert vec.target_scores[k] == pytest.approx(sep.score, rel=1e-6)
+        # The union's batches differ from each target's own, so the sums differ in float noise
+        # (a few ulps of the map's scale, more on some CPUs' kernels); a real error is O(scale).
         scale = float(sep.saliency.max())
-        torch.testing.assert_close(vec.saliency[k], sep.saliency, rtol=1e-6, atol=1e-6 * scale)
+        torch.testing.assert_close(vec.saliency[k], sep.saliency, rtol=1e-5, atol=1e-5 * scale)
     # Each window of the union is perturbed once: passes = union + 1 <= the separate runs' sum.
     assert vec.forward_passes == 1 + sum(vec.masks_per_depth)
     assert vec.forward_passes <= sum(s.forward_passes for s in seps)
