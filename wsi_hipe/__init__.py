@@ -2,7 +2,8 @@
 
 What users call, from the top-level namespace:
 
-- the HiPe engine: :func:`hierarchical_perturbation`, :class:`HipeResult`;
+- the HiPe engine: :func:`hierarchical_perturbation`, :class:`HipeResult`, and
+  :func:`hierarchical_perturbation_many` (several inputs sharing the model calls);
 - the pipeline (:mod:`wsi_hipe.pipeline`): :func:`explain_slide`, :func:`explain_region`,
   :func:`explain_cell`, :func:`explain_batch` with :class:`BatchItem`, and their results
   :class:`SlideResult`, :class:`RegionResult`, :class:`SlideStatus`;
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 #: Names exported lazily, and the module each comes from.
 _LAZY = {
+    "hierarchical_perturbation_many": "wsi_hipe.hipe_many",
     "explain_slide": "wsi_hipe.pipeline",
     "explain_region": "wsi_hipe.pipeline",
     "explain_cell": "wsi_hipe.pipeline",

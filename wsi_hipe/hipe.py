@@ -284,6 +284,32 @@ def hierarchical_perturbation(
         ``(B,)`` or ``(B, K)`` (one K throughout) finite scores.
     """
     t_start = time.perf_counter()
+    with torch.no_grad():
+        run, paste, steps, out_device = _begin(
+            forward, x, substrate=substrate, threshold=threshold, batch_size=batch_size,
+            device=device, max_depth=max_depth, min_cell_size=min_cell_size,
+            start_grid=start_grid, blur_sigma=blur_sigma, seed=seed, stop_rtol=stop_rtol,
+            stop_atol=stop_atol, noise_rtol=noise_rtol,
+        )  # fmt: skip
+        for depth, windows in steps:  # each step credits the depth scored before it
+            for rows in windows.batches(batch_size):
+                _perturb_batch(run, paste, windows, rows)
+                if progress is not None:
+                    progress(depth, rows[1] - windows.with_clean, len(windows.boxes))
+        return run.result(run.stop_reason, out_device, time.perf_counter() - t_start)
+
+
+def _begin(forward, x, *, substrate, threshold, batch_size, device, max_depth, min_cell_size,
+           start_grid, blur_sigma, seed, stop_rtol, stop_atol, noise_rtol):  # fmt: skip
+    """Check the options and set up one input's run.
+
+    Returns its state, its paster, the generator of its depths and the result's device. The
+    generator yields ``(depth, windows)``; the caller scores every row of ``[clean] + windows``
+    (:meth:`_Windows.batches`) into ``run.depth_scores`` before asking for the next depth, and
+    the generator then credits the depth's drops and selects the next one. When it ends,
+    ``run.stop_reason`` says why. Both :func:`hierarchical_perturbation` and
+    :func:`wsi_hipe.hipe_many.hierarchical_perturbation_many` drive it.
+    """
     substrate = _check_options(
         forward,
         substrate=substrate,
@@ -298,23 +324,23 @@ def hierarchical_perturbation(
     n = start_grid if start_grid is not None else start_grid_size(m)
     rule = max_depths(m, start_grid=n, min_cell_size=min_cell_size)
     depths = max_depths(m, start_grid=n, min_cell_size=min_cell_size, max_depth=max_depth)
-    stop_reason = "max_depth" if depths < rule else "min_cell_size"
-    with torch.no_grad():
-        run = _Run(forward, x, batch_size, n * 2 ** (depths - 1), stop_rtol, stop_atol, noise_rtol)
-        paste = _Paste(x, substrate, blur_sigma=blur_sigma, seed=seed)
-        for depth in range(1, depths + 1):
-            windows = _select_windows(run, n, depth, threshold)
-            if windows is None:
-                stop_reason = run.early_stop_reason()
-                break
-            paste.prepare(windows)
-            for rows in windows.batches(batch_size):
-                _perturb_batch(run, paste, windows, rows)
-                if progress is not None:
-                    progress(depth, rows[1] - windows.with_clean, len(windows.boxes))
-            _accumulate(run, windows)
-            n *= 2
-        return run.result(stop_reason, out_device, time.perf_counter() - t_start)
+    run = _Run(forward, x, batch_size, n * 2 ** (depths - 1), stop_rtol, stop_atol, noise_rtol)
+    run.stop_reason = "max_depth" if depths < rule else "min_cell_size"
+    paste = _Paste(x, substrate, blur_sigma=blur_sigma, seed=seed)
+    return run, paste, _depths(run, paste, n, depths, threshold), out_device
+
+
+def _depths(run: _Run, paste: _Paste, n: int, depths: int, threshold: str):
+    """The generator of :func:`_begin`: one ``(depth, windows)`` per depth that runs."""
+    for depth in range(1, depths + 1):
+        windows = _select_windows(run, n, depth, threshold)
+        if windows is None:
+            run.stop_reason = run.early_stop_reason()
+            return
+        paste.prepare(windows)
+        yield depth, windows
+        _accumulate(run, windows)
+        n *= 2
 
 
 # --- the steps of a depth ------------------------------------------------------------------
@@ -434,6 +460,19 @@ def _accumulate(run: _Run, windows: _Windows) -> None:
     run.sal_n = windows.n
 
 
+def checked_scores(out, b: int) -> torch.Tensor:
+    """``forward``'s output for a batch of ``b`` as a tensor of shape ``(b,)`` or ``(b, K)``."""
+    if not isinstance(out, torch.Tensor):
+        out = torch.as_tensor(out)
+    if not (out.shape == (b,) or (out.ndim == 2 and out.shape[0] == b and out.shape[1] > 0)):
+        raise ValueError(
+            f"forward must return one scalar score per input, shape ({b},), or K >= 1 scores "
+            f"per input, shape ({b}, K); got shape {tuple(out.shape)} for a batch of {b}. "
+            "Reduce the model output to scores, e.g. with wsi_hipe.scores"
+        )
+    return out
+
+
 # --- run state ---------------------------------------------------------------------------
 
 
@@ -446,8 +485,9 @@ class _Run:
         self.dev = x.device
         self.spatial = tuple(x.shape[1:])
         self.ndim = len(self.spatial)
-        rows = min(batch_size, (n_last + 1) ** self.ndim + 1)  # no depth needs more
-        self.buf = x.unsqueeze(0).repeat((rows,) + (1,) * x.ndim)
+        self.buf_rows = min(batch_size, (n_last + 1) ** self.ndim + 1)  # no depth needs more
+        self._buf: torch.Tensor | None = None
+        self.stop_reason = ""
         self.stop_rtol, self.stop_atol, self.noise_rtol_option = stop_rtol, stop_atol, noise_rtol
         self.k: int | None = None  # number of targets, known after the first call
         self.vector = False
@@ -465,19 +505,22 @@ class _Run:
 
     # model calls -------------------------------------------------------------------------
 
+    @property
+    def buf(self) -> torch.Tensor:
+        """The reused batch buffer, ``x`` in every row (made on first use: a run driven by
+        :func:`wsi_hipe.hipe_many.hierarchical_perturbation_many` never needs its own)."""
+        if self._buf is None:
+            self._buf = self.x.unsqueeze(0).repeat((self.buf_rows,) + (1,) * self.x.ndim)
+        return self._buf
+
     def score_rows(self, start: int, batch: torch.Tensor) -> None:
         """``forward(batch)``, checked against earlier calls, into ``depth_scores[start:]``."""
-        out = self.forward(batch)
-        if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(out)
-        b = len(batch)
+        self.store(start, checked_scores(self.forward(batch), len(batch)))
+
+    def store(self, start: int, out: torch.Tensor) -> None:
+        """Scores ``(b,)`` or ``(b, K)`` of rows ``[start, start + b)`` of the current depth."""
+        b = len(out)
         self.passes += b
-        if not (out.shape == (b,) or (out.ndim == 2 and out.shape[0] == b and out.shape[1] > 0)):
-            raise ValueError(
-                f"forward must return one scalar score per input, shape ({b},), or K >= 1 scores "
-                f"per input, shape ({b}, K); got shape {tuple(out.shape)} for a batch of {b}. "
-                "Reduce the model output to scores, e.g. with wsi_hipe.scores"
-            )
         vector, k = out.ndim == 2, (out.shape[1] if out.ndim == 2 else 1)
         if self.k is None:
             self._start(vector, k, out.dtype)
