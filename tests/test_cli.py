@@ -318,6 +318,36 @@ def test_evaluate_command_writes_tables(workdir, tmp_path):
     assert bad.exit_code != 0
 
 
+def test_evaluate_slide_writes_the_slide_tables_and_resumes(workdir, tmp_path):
+    out = tmp_path / "slide-eval"
+    sets = [
+        "slides.size=256",
+        "slides.seeds=[0]",
+        "slides.densities=[clustered]",
+        "grid.substrates=[background]",
+        "grid.depths=[{start_grid: 4, max_depth: 1}]",
+        "faithfulness.tiles_per_slide=0",
+        "sanity.seeds=[]",
+        "pipeline.tiling.tile_size=64",
+        "pipeline.tiling.halo=16",
+        "pipeline.hipe.batch_size=16",
+    ]
+    args = ["evaluate", "--slide", "--out", out, "--model", workdir / "tiny.pt"]
+    for item in sets:
+        args += ["--set", item]
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "background · mid-range · 4×1" in result.stdout
+    assert (out / "records.jsonl").is_file()
+    units = (out / "records.jsonl").read_text().splitlines()
+    # A second call finds every unit recorded and computes nothing new.
+    again = _invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert (out / "records.jsonl").read_text().splitlines() == units
+    bad = _invoke("evaluate", "--slide", "--out", out, "--set", "grid.substrates=[zeros]")
+    assert bad.exit_code != 0 and "grid.substrates" in bad.output
+
+
 def test_overwrite_keeps_the_new_runs_log(workdir, tmp_path):
     out = tmp_path / "o.ome.zarr"
     args = ["run", workdir / "a1.tiff", "-o", out, "-c", workdir / "small.yaml"]

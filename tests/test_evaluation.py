@@ -284,12 +284,13 @@ def tiny_segmenter():
     return tiny_model()
 
 
-def test_slide_map_equals_the_pipelines_output(tmp_path, tiny_segmenter):
+@pytest.mark.parametrize("substrate", ["fade", "background"])
+def test_slide_map_equals_the_pipelines_output(tmp_path, tiny_segmenter, substrate):
     """The evaluation tiles, skips and explains exactly as explain_slide does."""
     from wsi_hipe.omezarr import read_output
     from wsi_hipe.pipeline import explain_slide
 
-    config = slide_config(**{"grid.substrates": ["fade"], "faithfulness.tiles_per_slide": 0})
+    config = slide_config(**{"grid.substrates": [substrate], "faithfulness.tiles_per_slide": 0})
     config = config.model_copy(update={"sanity": config.sanity.model_copy(update={"seeds": []})})
     res = evaluation.run_slide_evaluation(
         config, out=tmp_path / "eval", model=tiny_segmenter, keep_maps=True
@@ -299,7 +300,7 @@ def test_slide_map_equals_the_pipelines_output(tmp_path, tiny_segmenter):
     slide = Path(res.settings["slides"][0])
     pipeline = {
         **SLIDE_PIPELINE,
-        "hipe.substrate": "fade",
+        "hipe.substrate": substrate,
         "hipe.threshold": "mid-range",
         "hipe.start_grid": 4,
         "hipe.max_depth": 2,

@@ -14,6 +14,7 @@ from wsi_hipe.config import load_config
 from wsi_hipe.errors import OutputError, ResumeMismatchError
 from wsi_hipe.hipe import max_depths
 from wsi_hipe.omezarr import read_output
+from wsi_hipe.pipeline._tile import hipe_substrate
 from wsi_hipe.schedule import torch_threads
 from wsi_hipe.scores import class_area
 from wsi_hipe.slide import ArrayReader, open_slide
@@ -73,6 +74,7 @@ def _by_hand(slide, model, cfg, x0, y0, width, height):
         res = hierarchical_perturbation(
             class_area(model, class_index=1, region=core),
             x,
+            substrate=hipe_substrate(cfg),
             max_depth=cfg.hipe.max_depth,
             start_grid=cfg.hipe.start_grid,
             batch_size=cfg.hipe.batch_size,
@@ -159,6 +161,42 @@ def test_slide_output_equals_region_and_opens_with_ome_zarr(tmp_path, slide, mod
     assert translations[0] == [0.0, 0.0]  # same grid as the slide at level 0
     assert translations[1] == [0.25, 0.25]  # a 2x2 block's centre
     assert image.metadata["axes"][0]["unit"] == "micrometer"
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_tiles_per_batch_gives_the_maps_of_one_tile_per_task(
+    tmp_path, slide, model, cfg, region, scheduler
+):
+    # 6 tiles in groups of 4 and 2: each group's HiPe runs share model calls.
+    grouped = cfg.with_overrides({"hipe.tiles_per_batch": 4, "schedule.scheduler": scheduler})
+    out = tmp_path / "g.ome.zarr"
+    result = pipeline.explain_slide(slide, out, config=grouped, model=model)
+    assert result.ok and result.counts == {"done": N, "skipped": 0, "failed": 0}
+    view = read_output(out)
+    sal = np.asarray(view.saliency[0])
+    # Same maps up to the rounding of other batch shapes (rows mix tiles).
+    scale = float(region.saliency.max())
+    np.testing.assert_allclose(sal, region.saliency, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_array_equal(np.asarray(view.segmentation[0]), region.segmentation)
+    by_tile = {(t["y"], t["x"]): t for t in view.tiles}
+    for t in region.tiles:
+        mine = by_tile[(t["y"], t["x"])]
+        assert mine["status"] == "done" and mine["passes"] == t["passes"]
+        assert mine["score"] == pytest.approx(t["score"], rel=1e-6)
+        assert mine["seconds"] > 0
+    assert view.provenance["config"]["hipe"]["tiles_per_batch"] == 4
+
+
+def test_tiles_per_batch_keeps_a_groups_good_tiles_when_one_fails(tmp_path, image, model, cfg):
+    bad = FailingReader(image, bad_box=(130, 70, 140, 80))  # read windows of tiles in col 2
+    grouped = cfg.with_overrides({"hipe.tiles_per_batch": 3})
+    out = tmp_path / "gf.ome.zarr"
+    result = pipeline.explain_slide(open_slide(bad), out, config=grouped, model=model)
+    one = pipeline.explain_slide(open_slide(bad), tmp_path / "f1.ome.zarr", config=cfg,
+                                 model=model)  # fmt: skip
+    assert {(r["y"], r["x"]) for r in result.failed} == {(r["y"], r["x"]) for r in one.failed}
+    assert 0 < result.counts["failed"] < N and result.counts["done"] == N - len(result.failed)
+    assert all("corrupt tile data" in r["error"] for r in result.failed)
 
 
 def test_ngff_05_output(tmp_path, slide, model, cfg, region):

@@ -776,23 +776,35 @@ def view(
 @app.command()
 def evaluate(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="configs/evaluate.yaml or similar.")
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="configs/evaluate.yaml (tiles) or configs/evaluate_slide.yaml."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder.")] = Path(
         "evaluate-results"
     ),
     model: ModelOpt = None,
+    slide: Annotated[
+        bool,
+        typer.Option(
+            "--slide",
+            help="Slide-level evaluation: localisation, faithfulness, MPRT and cost of HiPe "
+            "settings on synthetic slides with ground truth (resumes from --out).",
+        ),
+    ] = False,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="KEY=VALUE override, e.g. --set tiles.n=2 (repeatable)."),
     ] = None,
 ) -> None:
-    """Score HiPe against the baselines on synthetic tiles (wsi_hipe.evaluation)."""
+    """Score HiPe against the baselines on synthetic tiles, or (--slide) HiPe settings on
+    whole synthetic slides (wsi_hipe.evaluation)."""
     import json
 
     import yaml
 
-    from wsi_hipe.evaluation import run_evaluation
+    from wsi_hipe.evaluation import run_evaluation, run_slide_evaluation
 
     overrides: dict[str, Any] = {}
     for item in set_ or []:
@@ -800,6 +812,18 @@ def evaluate(
         if not sep or not key:
             raise typer.BadParameter(f"--set expects KEY=VALUE (e.g. tiles.n=2), got {item!r}")
         overrides[key] = yaml.safe_load(value)
+    if slide:
+        with _errors(), _progress() as bars:
+            task = bars.add_task("slide evaluation", total=None)
+            result = run_slide_evaluation(
+                config, out=out, model=model, overrides=overrides,
+                progress=lambda done, total: bars.update(task, completed=done, total=total),
+            )  # fmt: skip
+        typer.echo(result.to_markdown())
+        for path in sorted(out.glob("*")):
+            if path.is_file():
+                typer.echo(str(path))
+        return
     with _errors():
         result = run_evaluation(config, model=model, overrides=overrides)
         paths = result.save(out)

@@ -38,6 +38,7 @@ __all__ = [
     "JobqueueConfig",
     "load_config",
     "Substrate",
+    "PipelineSubstrate",
     "MetricSubstrate",
     "Threshold",
     "ScoreKind",
@@ -47,6 +48,7 @@ __all__ = [
     "DeviceName",
     "SlideReaderName",
     "SUBSTRATES",
+    "PIPELINE_SUBSTRATES",
     "METRIC_SUBSTRATES",
     "THRESHOLDS",
     "SCORE_KINDS",
@@ -69,6 +71,10 @@ logger = logging.getLogger(__name__)
 #: ``"mean"`` each channel's mean over the window, ``"fade"`` zeros (the dark background of
 #: fluorescence; the paper's "fade"), ``"blur"`` a Gaussian blur, ``"noise"`` Gaussian noise.
 Substrate = Literal["mean", "fade", "blur", "noise"]
+#: The pipeline's substrates (``hipe.substrate``): the engine's, and ``"background"``, the local
+#: tissue background (:func:`wsi_hipe.metrics.tissue_background`: the window's nuclei removed,
+#: its autofluorescence kept), which the pipeline passes to the engine as a callable.
+PipelineSubstrate = Literal["mean", "fade", "blur", "noise", "background"]
 #: The substrates of the insertion/deletion metrics (a subset of :data:`Substrate`).
 MetricSubstrate = Literal["fade", "mean", "blur"]
 #: Old spellings still accepted on input and mapped to their one name.
@@ -89,6 +95,7 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 SlideReaderName = Literal["auto", "openslide", "tiff", "ngff"]
 
 SUBSTRATES: tuple[str, ...] = get_args(Substrate)
+PIPELINE_SUBSTRATES: tuple[str, ...] = get_args(PipelineSubstrate)
 METRIC_SUBSTRATES: tuple[str, ...] = get_args(MetricSubstrate)
 THRESHOLDS: tuple[str, ...] = get_args(Threshold)
 SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
@@ -283,12 +290,27 @@ class HipeConfig(_Section):
 
     Attributes
     ----------
-    substrate : {"mean", "fade", "blur", "noise"}
-        What a perturbed window is replaced by.
+    substrate : {"background", "mean", "fade", "blur", "noise"}
+        What a perturbed window is replaced by. ``"background"`` (the default): the local
+        tissue background, the window with its nuclei removed
+        (:func:`wsi_hipe.metrics.tissue_background`); chosen by the slide-level evaluation
+        (BENCHMARKS.md, "Slide-level evaluation and defaults"): it localises the densest
+        lymphocyte cluster where ``"mean"`` (the engine's default, the authors') leaves a bright
+        patch the model still calls lymphocyte, and its maps decorrelate when the model is
+        randomised. The others as :func:`wsi_hipe.hierarchical_perturbation`.
+    background_radius_um : float
+        Disk radius (µm) of the ``"background"`` substrate's opening: wider than the largest
+        nucleus (7 µm: a 14 µm lymphocyte fits inside the disk's diameter).
     threshold : {"mid-range", "mean"}
         How the refinement threshold is computed from the previous depth's saliency.
     batch_size : int
         Perturbed inputs per forward pass (memory, not results).
+    tiles_per_batch : int
+        Tiles a task explains together, their windows sharing forward batches
+        (:func:`wsi_hipe.hipe_many.hierarchical_perturbation_many`): late depths select few
+        windows per tile, so on a GPU a batch of one tile's windows runs mostly empty. Maps
+        are those of one tile per task up to float rounding; 1 (default) suits a CPU.
+        Ignored with cells (each tile is one vector run).
     max_depth : int or None
         Stop after this many depths (None: until cells reach ``min_cell_size``).
     min_cell_size : int
@@ -302,9 +324,11 @@ class HipeConfig(_Section):
         the naive baseline in ``benchmarks/bench_pipeline.py``).
     """
 
-    substrate: Substrate = "mean"
+    substrate: PipelineSubstrate = "background"
+    background_radius_um: float = Field(default=7.0, gt=0)
     threshold: Threshold = "mid-range"
     batch_size: int = Field(default=32, ge=1)
+    tiles_per_batch: int = Field(default=1, ge=1)
     max_depth: int | None = Field(default=None, ge=1)
     min_cell_size: int = Field(default=4, ge=1)
     start_grid: int | None = Field(default=None, ge=1)

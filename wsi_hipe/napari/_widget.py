@@ -33,7 +33,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from wsi_hipe.config import SUBSTRATES, canonical_substrate
+from wsi_hipe.config import PIPELINE_SUBSTRATES, HipeConfig, canonical_substrate
 from wsi_hipe.models import DEFAULT_CLASS_NAMES
 from wsi_hipe.napari._layers import (
     CELL_COLORINGS,
@@ -157,7 +157,9 @@ class ExplainWidget(Container):
         self._model_file = FileEdit(
             label="model file", mode="r", filter="*.safetensors *.pt *.ts", visible=False
         )
-        self._substrate = ComboBox(label="substrate", choices=SUBSTRATES, value="mean")
+        self._substrate = ComboBox(
+            label="substrate", choices=PIPELINE_SUBSTRATES, value=HipeConfig().substrate
+        )
         self._batch = SpinBox(label="batch size", min=1, max=4096, value=32)
         self._depth = SpinBox(
             label="max depth", min=0, max=32, value=0, tooltip="0 = refine until cells are 4 px"
@@ -238,7 +240,7 @@ class ExplainWidget(Container):
         elif model_path and Path(model_path).is_file():
             self.set_settings(model=model_path)
         substrate = hipe.get("substrate")
-        if isinstance(substrate, str) and canonical_substrate(substrate) in SUBSTRATES:
+        if isinstance(substrate, str) and canonical_substrate(substrate) in PIPELINE_SUBSTRATES:
             self._substrate.value = canonical_substrate(substrate)
         if isinstance(hipe.get("batch_size"), int):
             self._batch.value = hipe["batch_size"]
@@ -320,8 +322,10 @@ class ExplainWidget(Container):
                 self._model.value = "file"
                 self._update_classes()
         if substrate is not None:
-            if substrate not in SUBSTRATES:
-                raise ValueError(f"substrate must be one of {list(SUBSTRATES)}, got {substrate!r}")
+            if substrate not in PIPELINE_SUBSTRATES:
+                raise ValueError(
+                    f"substrate must be one of {list(PIPELINE_SUBSTRATES)}, got {substrate!r}"
+                )
             self._substrate.value = substrate
         if batch_size is not None:
             self._batch.value = int(batch_size)

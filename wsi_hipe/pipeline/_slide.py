@@ -33,7 +33,14 @@ from wsi_hipe.pipeline._inputs import (
     wants_gpu,
 )
 from wsi_hipe.pipeline._results import SlideResult
-from wsi_hipe.pipeline._tile import ModelRef, TileJob, TileSpec, run_tile, skip_bound
+from wsi_hipe.pipeline._tile import (
+    ModelRef,
+    TileJob,
+    TileSpec,
+    run_tile,
+    run_tiles,
+    skip_bound,
+)
 from wsi_hipe.pipeline._types import (
     ConfigLike,
     ModelLike,
@@ -268,6 +275,15 @@ def _create_store(
     )
 
 
+def _per_tile(results):
+    """``(group of jobs, outcomes)`` pairs as ``(job, outcome)``; a failed group's task error
+    becomes each of its jobs' outcome."""
+    for jobs, outcomes in results:
+        if isinstance(outcomes, TaskError):
+            outcomes = [outcomes] * len(jobs)
+        yield from zip(jobs, outcomes, strict=True)
+
+
 def _summary(records: dict) -> tuple[dict[str, int], list[dict]]:
     """Tiles per status, and the failed tiles' ``index, y, x, error``."""
     counts = {"done": 0, "skipped": 0, "failed": 0}
@@ -346,9 +362,16 @@ class _SlideRun:
             "slide": self.slide,
             "model": tasks_model(self.model, self.cfg, runner),
         }
-        jobs = (TileJob.of(self.grid, t) for t in tiles)
+        jobs = [TileJob.of(self.grid, t) for t in tiles]
+        group = 1 if self.cells is not None else self.cfg.hipe.tiles_per_batch
+        if group == 1:
+            pairs = runner.map(run_tile, jobs, shared=shared, errors="return")
+        else:
+            # hipe.tiles_per_batch: one task explains a group of tiles, sharing model calls.
+            groups = [tuple(jobs[i : i + group]) for i in range(0, len(jobs), group)]
+            pairs = _per_tile(runner.map(run_tiles, groups, shared=shared, errors="return"))
         passes = done = 0
-        for job, outcome in runner.map(run_tile, jobs, shared=shared, errors="return"):
+        for job, outcome in pairs:
             if isinstance(outcome, TaskError):
                 record = job.record()
                 record["error"] = f"{outcome.error} (failed {outcome.attempts} tries)"

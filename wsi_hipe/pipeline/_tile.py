@@ -37,10 +37,11 @@ the result is exact. A skipped tile costs one forward pass instead of a whole Hi
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,17 @@ def tile_depths(cfg: Config, side: int | None = None) -> int:
         min_cell_size=cfg.hipe.min_cell_size,
         max_depth=cfg.hipe.max_depth,
     )
+
+
+def hipe_substrate(cfg: Config) -> str | Callable:
+    """``hipe.substrate`` as the engine takes it: a name, or for ``"background"`` the picklable
+    :func:`wsi_hipe.metrics.tissue_background` with ``hipe.background_radius_um`` in target px."""
+    if cfg.hipe.substrate != "background":
+        return cfg.hipe.substrate
+    from wsi_hipe import metrics
+
+    radius_px = cfg.hipe.background_radius_um / cfg.tiling.mpp
+    return functools.partial(metrics.tissue_background, radius_px=radius_px)
 
 
 # --- what a task receives (picklable) ---------------------------------------------------------
@@ -167,7 +179,7 @@ class TileSpec:
             class_index=cfg.score.class_index,
             floor=cfg.score.floor,
             hipe={
-                "substrate": h.substrate,
+                "substrate": hipe_substrate(cfg),
                 "threshold": h.threshold,
                 "batch_size": h.batch_size,
                 "max_depth": h.max_depth,
@@ -231,6 +243,99 @@ def run_tile(
     return compute_tile(job, spec, slide, spec.model.get(model))
 
 
+def run_tiles(
+    jobs: Sequence[TileJob],
+    *,
+    spec: TileSpec,
+    slide: Slide,
+    model: SegmentationModel | None = None,
+) -> list[TileOutcome]:
+    """Task body of ``hipe.tiles_per_batch > 1``: several tiles whose HiPe runs share model
+    calls (:func:`compute_tiles`); one outcome per job, in order (module-level: picklable)."""
+    return compute_tiles(jobs, spec, slide, spec.model.get(model))
+
+
+@dataclass
+class _Prepared:
+    """A tile read, segmented and scored; HiPe still to run (or skipped)."""
+
+    job: TileJob
+    record: dict
+    t0: float
+    x: Any  # (C, side, side) tensor on the model's device
+    logits: Any
+    segmentation: np.ndarray
+    forward: Score
+    score: float
+    explain: bool
+    cell_mask: np.ndarray | None = None
+    seconds: float = 0.0  # reading, segmenting and scoring
+
+
+def _prepare(
+    job: TileJob,
+    spec: TileSpec,
+    slide: Slide,
+    model: SegmentationModel,
+    cell_at: tuple[int, int] | None = None,
+) -> _Prepared | TileOutcome:
+    """Read, segment and score one tile; a read error gives the tile's failed outcome."""
+    import torch
+
+    t0 = time.perf_counter()
+    record = job.record()
+    side = spec.side
+    try:
+        # (C, side, side): the stain, or slide.channels in order, each on its own range
+        image = slide.read_input(job.read_x, job.read_y, side, side, mpp=spec.mpp)
+    except SlideReadError as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["seconds"] = round(time.perf_counter() - t0, 4)
+        logger.warning("tile %d (y=%d, x=%d) failed: %s", job.index, job.y, job.x, exc)
+        return TileOutcome(record)
+    # The tile goes to the model's device once; HiPe builds every perturbed batch there.
+    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32)).to(model.device)
+    logits = model(x[None])
+    segmentation = model.segment(x[None], logits=logits)[0].to(torch.uint8).cpu().numpy()
+    cell_mask = None if cell_at is None else cell_mask_at(segmentation, cell_at, spec.class_index)
+    forward = tile_score(model, spec, job.core, cell_mask)
+    score = float(forward.from_logits(logits)[0])
+    explain = cell_mask is not None or spec.score_kind == "logit" or score > spec.floor
+    record.update(score=score, passes=1)
+    return _Prepared(
+        job, record, t0, x, logits, segmentation, forward, score, explain, cell_mask,
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _finish(
+    tile: _Prepared,
+    spec: TileSpec,
+    saliency: np.ndarray | None,
+    *,
+    seconds: float | None = None,
+    cell_rows: Any = None,
+    keep_full: bool = False,
+) -> TileOutcome:
+    """The tile's outcome: its record completed, and the core of its maps (or the halo tile)."""
+    record = tile.record
+    if saliency is None:
+        saliency = np.zeros((spec.side, spec.side), dtype=np.float32)
+    if seconds is None:
+        seconds = time.perf_counter() - tile.t0
+    record["seconds"] = round(seconds, 4)
+    if keep_full:
+        return TileOutcome(record, saliency, tile.segmentation, tile.cell_mask)
+    h, w = tile.job.core
+    core = (slice(spec.halo, spec.halo + h), slice(spec.halo, spec.halo + w))
+    return TileOutcome(
+        record,
+        np.ascontiguousarray(saliency[core], dtype=np.float32),
+        np.ascontiguousarray(tile.segmentation[core]),
+        cells=cell_rows,
+    )
+
+
 def compute_tile(
     job: TileJob,
     spec: TileSpec,
@@ -247,67 +352,85 @@ def compute_tile(
     :func:`~wsi_hipe.pipeline.explain_cell`; ``keep_full`` returns the whole halo tile instead
     of the core.
     """
-    import torch
-
-    t0 = time.perf_counter()
-    record = job.record()
-    side = spec.side
-    try:
-        # (C, side, side): the stain, or slide.channels in order, each on its own range
-        image = slide.read_input(job.read_x, job.read_y, side, side, mpp=spec.mpp)
-    except SlideReadError as exc:
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["seconds"] = round(time.perf_counter() - t0, 4)
-        logger.warning("tile %d (y=%d, x=%d) failed: %s", job.index, job.y, job.x, exc)
-        return TileOutcome(record)
-    # The tile goes to the model's device once; HiPe builds every perturbed batch there.
-    device = model.device
-    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32)).to(device)
-    logits = model(x[None])
-    segmentation = model.segment(x[None], logits=logits)[0].to(torch.uint8).cpu().numpy()
-    cell_mask = None if cell_at is None else cell_mask_at(segmentation, cell_at, spec.class_index)
-    forward = tile_score(model, spec, job.core, cell_mask)
-    score = float(forward.from_logits(logits)[0])
-    passes = 1
-    explain_tile = cell_mask is not None or spec.score_kind == "logit" or score > spec.floor
-    cell_rows = None
-    if spec.cells is not None and cell_mask is None:
+    tile = _prepare(job, spec, slide, model, cell_at)
+    if isinstance(tile, TileOutcome):
+        return tile
+    record, device = tile.record, model.device
+    if spec.cells is not None and tile.cell_mask is None:
         # The tile's score and its cells: one vector HiPe run (the tile map as without cells).
         h, w = job.core
         found = spec.cells.explain(
-            model, x, logits, segmentation, core=(spec.halo, spec.halo, h, w), mpp=spec.mpp,
-            floor=spec.floor, tile_score=forward if explain_tile else None,
+            model, tile.x, tile.logits, tile.segmentation, core=(spec.halo, spec.halo, h, w),
+            mpp=spec.mpp, floor=spec.floor, tile_score=tile.forward if tile.explain else None,
             hipe={**spec.hipe, "device": device}, progress=hipe_progress,
         )  # fmt: skip
         cell_rows = spec.cells.rows(found, tile=job.index, origin=(job.y, job.x), halo=spec.halo)
-        saliency = found.tile_saliency
-        if saliency is None:
-            saliency = np.zeros((side, side), dtype=np.float32)
-        passes += found.forward_passes
-        record["status"] = "done" if explain_tile else "skipped"
+        record["passes"] += found.forward_passes
+        record["status"] = "done" if tile.explain else "skipped"
         record["cells"] = int(found.cells.n)
         record["cells_explained"] = int((found.status == "done").sum())
-    elif not explain_tile:
-        saliency = np.zeros((side, side), dtype=np.float32)
+        return _finish(tile, spec, found.tile_saliency, cell_rows=cell_rows, keep_full=keep_full)
+    if not tile.explain:
         record["status"] = "skipped"
-    else:
-        result = hierarchical_perturbation(
-            forward, x, device=device, progress=hipe_progress, **spec.hipe
-        )
-        saliency = result.saliency.detach().float().cpu().numpy()
-        passes += result.forward_passes
-        record["status"] = "done"
-    record.update(score=score, passes=passes, seconds=round(time.perf_counter() - t0, 4))
-    if keep_full:
-        return TileOutcome(record, saliency, segmentation, cell_mask)
-    h, w = job.core
-    core = (slice(spec.halo, spec.halo + h), slice(spec.halo, spec.halo + w))
-    return TileOutcome(
-        record,
-        np.ascontiguousarray(saliency[core], dtype=np.float32),
-        np.ascontiguousarray(segmentation[core]),
-        cells=cell_rows,
+        return _finish(tile, spec, None, keep_full=keep_full)
+    result = hierarchical_perturbation(
+        tile.forward, tile.x, device=device, progress=hipe_progress, **spec.hipe
     )
+    record["passes"] += result.forward_passes
+    record["status"] = "done"
+    saliency = result.saliency.detach().float().cpu().numpy()
+    return _finish(tile, spec, saliency, keep_full=keep_full)
+
+
+def compute_tiles(
+    jobs: Sequence[TileJob], spec: TileSpec, slide: Slide, model: SegmentationModel
+) -> list[TileOutcome]:
+    """Several tiles, their HiPe runs sharing model calls; one outcome per job, in order.
+
+    Each tile is read, segmented and scored on its own; the tiles above the score floor are
+    then explained by one :func:`~wsi_hipe.hipe_many.hierarchical_perturbation_many`, so a
+    forward batch takes the windows of as many tiles as fit (late depths select few windows
+    per tile, and a GPU batch would run mostly empty). Each tile's map is the one
+    :func:`compute_tile` gives, up to the float rounding of a different batch shape. A tile
+    whose HiPe run fails (non-finite scores) is recorded failed; the others are kept. Its
+    ``seconds`` are its own reading and scoring plus its share of the shared model calls.
+    With cells (``spec.cells``), each tile is one vector run of its own (:func:`compute_tile`).
+    """
+    from wsi_hipe.hipe_many import hierarchical_perturbation_many
+
+    if spec.cells is not None or len(jobs) == 1:
+        return [compute_tile(job, spec, slide, model) for job in jobs]
+    tiles = [_prepare(job, spec, slide, model) for job in jobs]
+    explain = [t for t in tiles if isinstance(t, _Prepared) and t.explain]
+    results = []
+    if explain:
+        results = hierarchical_perturbation_many(
+            model, [t.x for t in explain], scores=[t.forward.from_logits for t in explain],
+            device=model.device, return_exceptions=True, **spec.hipe,
+        )  # fmt: skip
+    found = {id(t): r for t, r in zip(explain, results, strict=True)}
+    outcomes = []
+    for tile in tiles:
+        if isinstance(tile, TileOutcome):
+            outcomes.append(tile)
+            continue
+        record, own = tile.record, tile.seconds
+        result = found.get(id(tile))
+        if result is None:
+            record["status"] = "skipped"
+            outcomes.append(_finish(tile, spec, None, seconds=own))
+        elif isinstance(result, Exception):
+            record["error"] = f"{type(result).__name__}: {result}"
+            record["seconds"] = round(own, 4)
+            logger.warning("tile %d (y=%d, x=%d) failed: %s", tile.job.index, tile.job.y,
+                           tile.job.x, result)  # fmt: skip
+            outcomes.append(TileOutcome(record))
+        else:
+            record["passes"] += result.forward_passes
+            record["status"] = "done"
+            saliency = result.saliency.detach().float().cpu().numpy()
+            outcomes.append(_finish(tile, spec, saliency, seconds=own + result.seconds))
+    return outcomes
 
 
 def tile_score(
