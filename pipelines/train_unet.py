@@ -414,8 +414,9 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         json.dumps({"history": fit.history, "metrics": metrics}, indent=1) + "\n"
     )
     write_model_card(
-        out_dir / "MODEL_CARD.md", arch=arch, metrics=metrics, training=training, weights=weights
-    )
+        out_dir / "MODEL_CARD.md", arch=arch, metrics=metrics, training=training, weights=weights,
+        real_tissue=real_tissue_figures(weights),
+    )  # fmt: skip
     logger.info("wrote %s (%.1f MB)", weights, weights.stat().st_size / 1e6)
     return metrics
 
@@ -556,8 +557,52 @@ def training_record(cfg: TrainConfig, data: TrainingData, fit: Fit, t_start: flo
     }
 
 
+def real_tissue_figures(weights: Path) -> dict | None:
+    """``benchmarks/bench_real_tissue.py`` on ``weights`` (None without ``../shared/data``)."""
+    import importlib.util
+
+    bench = REPO / "benchmarks" / "bench_real_tissue.py"
+    spec = importlib.util.spec_from_file_location("bench_real_tissue", bench)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not (module.TISSUE.is_dir() and module.CYCIF.is_dir()):
+        return None
+    from wsi_hipe.models import load_model
+
+    model = load_model(weights, device="cpu")
+    return {"tissue": module.tissue_nuclei(model), "cd45": module.cd45_share(model)}
+
+
+def _real_tissue_lines(real: dict | None) -> str:
+    if real is None:
+        return (
+            "Not measured here (`benchmarks/bench_real_tissue.py` needs the project's data folder)."
+        )
+    t, c = real["tissue"], real["cd45"]
+    return f"""Measured by `benchmarks/bench_real_tissue.py` on data this model was never trained on:
+
+- A real tissue DNA crop (CyCIF, ~0.65 µm/px, 300×300 px, 263 nuclei from a segmentation
+  pipeline, `nuclei/tissue/tissue_dna_300`): all-nuclei Dice **{t["all_nuclei_dice"]:.3f}**, predicted
+  nuclear area {t["area_ratio"]:.2f}× the reference, but only {t["components"]} connected components for
+  {t["reference_nuclei"]} nuclei: **{t["fused_share"]:.0%} of the nuclei are fused** with a neighbour into one blob
+  ({t["missed_share"]:.0%} missed). {t["lymphocyte_share_of_nuclear_area"]:.0%} of the nuclear area is called lymphocyte.
+- The 48-channel CyCIF crop of lymphoid tissue (`slides/fluorescence/cropped_reactive_core`,
+  DNA channel, 58 quantified cells; CD45+ = CD45 intensity above the Otsu threshold of the 58,
+  {c["cd45_positive"]} of {c["cells"]}): called lymphocyte on {c["lymphocyte_share_cd45_positive"]:.0%} of the CD45+ cells and
+  {c["lymphocyte_share_cd45_negative"]:.0%} of the CD45− ones ({c["cells"] - c["cd45_positive"]} cells: too few to conclude). The
+  lymphocyte call barely follows the leukocyte marker."""
+
+
 def write_model_card(
-    path: Path, *, arch: dict, metrics: dict, training: dict, weights: Path
+    path: Path,
+    *,
+    arch: dict,
+    metrics: dict,
+    training: dict,
+    weights: Path,
+    real_tissue: dict | None = None,
 ) -> None:
     def fmt(value: Any) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -579,8 +624,19 @@ nucleus, so all nuclei = p(lymphocyte) + p(nucleus).
 
 - Input: `(B, 1, H, W)` float32, H and W multiples of {2 ** arch["encoder_depth"]}, the stain normalised
   as `wsi_hipe.slide` does (1st percentile → 0, 99.5th percentile of tissue → 1, clipped to [0, 1.5]).
+- Channels: the sidecar's `channel_names` is `["Hoechst"]`; any nuclear stain (Hoechst, DAPI)
+  matches it, and a marker channel (e.g. `--channel CD45` of a multiplex file) is refused.
 - Resolution: trained at 0.5 µm/px; resample slides to 0.5 µm/px before use.
 - Output: `(B, 3, H, W)` logits.
+
+## What "lymphocyte" means for this model
+
+There are no real lymphocyte labels in its training data. "Lymphocyte" is the synthetic
+renderer's lymphocyte (`wsi_hipe.synthetic`): a **small, round, bright, smooth nucleus** —
+6–8 µm across, aspect ratio ≤ 1.15, about twice as bright as a tumour nucleus, little chromatin
+texture, often packed in clusters — against tumour nuclei (10–16 µm, oval, dimmer, textured)
+and stromal nuclei (spindles 11–20 × 3–5 µm). Any real nucleus that looks like that is called a
+lymphocyte, whatever its lineage; no immune marker is involved.
 
 ## Training data
 
@@ -612,12 +668,22 @@ never seen a real tissue section with annotated lymphocytes: its lymphocyte clas
 from synthetic data only. **Not for clinical or diagnostic use.** Its saliency maps explain
 this model, not biology.
 
-## Limitations
+## On real tissue
 
-- Lymphocytes are told apart from other nuclei mostly by size, roundness and brightness; real
+{_real_tissue_lines(real_tissue)}
+
+## Limitations and known failures
+
+- Lymphocytes are told apart from other nuclei by size, roundness and brightness only; real
   small non-lymphocyte nuclei (e.g. some U2OS nuclei, apoptotic bodies) may be called
   lymphocytes.
-- Real-data validation is limited to {len(per_image)} held-out BBBC039 image(s) of cultured cells.
+- **On a real DAPI skin slide it calls the whole epidermis lymphocytes** (seen on the project's
+  DAPI NDPI; not quantified: no masks), likely because packed, small, bright epidermal nuclei
+  are the closest thing to the renderer's lymphocyte it knows.
+- Densely packed real nuclei are fused into blobs (above): it has no boundary class, so
+  per-cell results (`--cells`) on packed tissue are per blob.
+- Held-out real data with masks: {len(per_image)} BBBC039 image(s) of cultured cells; the real
+  tissue figures above are on crops it never saw but which are not a gold standard.
 - Sensitive to µm/px: a slide at another resolution must be resampled to 0.5 µm/px.
 """
     path.write_text(text, encoding="utf-8")
@@ -680,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics=side["metrics"],
             training=side["training"],
             weights=weights,
+            real_tissue=real_tissue_figures(weights),
         )
         return 0
     train(cfg, out_dir)

@@ -1,0 +1,179 @@
+"""The bundled model on the real fluorescence tissue in ``../shared/data`` (issue 17, item 4).
+
+Two measurements, both on data the model was never trained on:
+
+1. **All-nuclei segmentation on a real tissue DNA crop** (``nuclei/tissue/tissue_dna_300``:
+   CyCIF, ~0.65 µm/px, 263 nuclei from a segmentation pipeline). The crop is read through
+   :func:`wsi_hipe.slide.open_slide` at the model's 0.5 µm/px (stain normalised as every slide
+   is), segmented in one pass, and the labels are taken back to the crop's pixels (nearest).
+   Reported: all-nuclei Dice (lymphocyte ∪ nucleus vs the mask), predicted / reference nuclear
+   area, predicted connected components vs reference nuclei, the share of reference nuclei
+   inside a predicted component that covers two or more of them (fused), and the share of the
+   predicted nuclear area called lymphocyte.
+2. **Lymphocyte calls vs CD45** on the 48-channel CyCIF crop of lymphoid tissue
+   (``slides/fluorescence/cropped_reactive_core.ome.tiff``, DNA = channel 0, its OME pixel size
+   is wrong: 0.65 µm/px assumed) and its 58 quantified cells
+   (``cropped_tutorial_data_pheno.h5ad``). Each cell's class is the majority label in a 3×3
+   target-px window at its centroid; CD45+ is the cell's CD45 intensity above the Otsu threshold
+   of the 58. Reported: the share of CD45+ and of CD45− cells called lymphocyte.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_real_tissue.py [--model bundled|PATH] [--json OUT.json]
+
+Needs ``../shared/data`` (the project's data folder, next to the checkout, or
+``$WSI_HIPE_SHARED_DATA``); exits 2 without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("WSI_HIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+TISSUE = DATA / "nuclei" / "tissue"
+CYCIF = DATA / "slides" / "fluorescence"
+TISSUE_MPP = 0.65  # CyCIF, as the data README says (the files carry no usable pixel size)
+
+
+def _labels(model, slide, mpp: float) -> np.ndarray:
+    """The model's labels over the whole slide at ``mpp`` (one pass, padded to a multiple of 8)."""
+    import torch
+
+    w, h = slide.dimensions
+    tw, th = round(w * slide.mpp / mpp), round(h * slide.mpp / mpp)
+    pw, ph = -(-tw // 8) * 8, -(-th // 8) * 8
+    x = torch.from_numpy(slide.read_input(0, 0, pw, ph, mpp=mpp))[None]
+    with torch.no_grad():
+        labels = model.segment(x)[0].numpy()
+    return labels[:th, :tw]
+
+
+def _back_to_source(labels: np.ndarray, shape: tuple[int, int], factor: float) -> np.ndarray:
+    """Nearest target px of each source px centre (``factor`` = source px per target px)."""
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * factor).astype(int), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * factor).astype(int), labels.shape[1] - 1)
+    return labels[np.ix_(rows, cols)]
+
+
+def tissue_nuclei(model) -> dict:
+    import tifffile
+    from scipy import ndimage
+
+    from wsi_hipe.slide import open_slide
+
+    slide = open_slide(TISSUE / "tissue_dna_300.tiff", mpp=TISSUE_MPP)
+    mask = tifffile.imread(TISSUE / "tissue_dna_300_mask.tiff")
+    labels = _back_to_source(_labels(model, slide, 0.5), mask.shape, TISSUE_MPP / 0.5)
+    pred = labels > 0
+    ref = mask > 0
+    components, n_components = ndimage.label(pred)
+    # Reference nuclei per predicted component (by each nucleus's majority component).
+    owners = {}
+    for nucleus in np.unique(mask[mask > 0]):
+        hit = components[mask == nucleus]
+        hit = hit[hit > 0]
+        if hit.size:
+            owners[int(nucleus)] = int(np.bincount(hit).argmax())
+    per_component = np.bincount(list(owners.values()), minlength=n_components + 1)
+    fused = sum(per_component[c] >= 2 for c in owners.values())
+    n_ref = int(mask.max())
+    return {
+        "all_nuclei_dice": float(2 * (pred & ref).sum() / (pred.sum() + ref.sum())),
+        "area_ratio": float(pred.sum() / ref.sum()),
+        "components": int(n_components),
+        "reference_nuclei": n_ref,
+        "fused_share": float(fused / n_ref),
+        "missed_share": float(1 - len(owners) / n_ref),
+        "lymphocyte_share_of_nuclear_area": float((labels == 1).sum() / max(pred.sum(), 1)),
+    }
+
+
+def _otsu(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    return float(threshold_otsu(values))
+
+
+def cd45_share(model) -> dict:
+    import anndata
+
+    from wsi_hipe.slide import open_slide
+
+    slide = open_slide(CYCIF / "cropped_reactive_core.ome.tiff", mpp=TISSUE_MPP, channel=0)
+    labels = _labels(model, slide, 0.5)
+    cells = anndata.read_h5ad(CYCIF / "cropped_tutorial_data_pheno.h5ad")
+    cd45 = np.asarray(cells[:, "CD45"].X, dtype=float).ravel()
+    threshold = _otsu(cd45)
+    scale = TISSUE_MPP / 0.5
+    called = []
+    for x, y in zip(cells.obs["X_centroid"], cells.obs["Y_centroid"], strict=True):
+        r, c = int(y * scale), int(x * scale)
+        window = labels[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].ravel()
+        called.append(np.bincount(window, minlength=3).argmax())
+    called = np.asarray(called)
+    positive = cd45 > threshold
+    lymph = called == 1
+    return {
+        "cells": int(cd45.size),
+        "cd45_threshold": threshold,
+        "cd45_positive": int(positive.sum()),
+        "lymphocyte_share_cd45_positive": float(lymph[positive].mean()) if positive.any() else None,
+        "lymphocyte_share_cd45_negative": float(lymph[~positive].mean())
+        if (~positive).any()
+        else None,
+        "called": {
+            "background": int((called == 0).sum()),
+            "lymphocyte": int(lymph.sum()),
+            "nucleus": int((called == 2).sum()),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not (TISSUE.is_dir() and CYCIF.is_dir()):
+        print(f"needs the project's data folder at {DATA}", file=sys.stderr)
+        return 2
+    from wsi_hipe.models import load_model
+
+    model = load_model(args.model, device="cpu")
+    result = {
+        "model": args.model,
+        "sha256": model.meta.sha256,
+        "tissue": tissue_nuclei(model),
+        "cd45": cd45_share(model),
+    }
+    t, c = result["tissue"], result["cd45"]
+    print(f"model {args.model} (sha256 {str(model.meta.sha256)[:12]}…)")
+    print(
+        f"real tissue DNA crop: all-nuclei Dice {t['all_nuclei_dice']:.3f}, area "
+        f"{t['area_ratio']:.2f}× the reference, {t['components']} components for "
+        f"{t['reference_nuclei']} nuclei ({t['fused_share']:.0%} fused, "
+        f"{t['missed_share']:.0%} missed), {t['lymphocyte_share_of_nuclear_area']:.0%} of the "
+        "nuclear area called lymphocyte"
+    )
+    print(
+        f"CyCIF lymphoid crop: {c['cells']} cells, CD45 Otsu threshold {c['cd45_threshold']:.2f} "
+        f"({c['cd45_positive']} positive); called lymphocyte: "
+        f"{c['lymphocyte_share_cd45_positive']:.0%} of CD45+, "
+        f"{c['lymphocyte_share_cd45_negative']:.0%} of CD45−; calls {c['called']}"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
