@@ -341,10 +341,12 @@ def test_explain_region_runs_every_forward_on_the_model_device(slide, cfg):
     # Every input the model got (segmentation pass and every HiPe batch) was on its device.
     assert model.input_devices and set(model.input_devices) == {FAKE}
     assert len(model.input_devices) > 2 * tiles
-    # Host→device: per tile the tile itself, the score's core mask, one window table per depth;
-    # never one per batch (a progress mark follows every HiPe batch).
+    # Host→device: per tile the tile itself, the score's core mask, one window table per depth
+    # and, for the default "background" substrate (a scipy opening on the host), the tile's
+    # substitute image once; never one per batch (a progress mark follows every HiPe batch).
     copies = sum(c["h2d"] for c in phases(fake.events)[1:])
-    assert copies <= tiles * (2 + cfg.hipe.max_depth)
+    substitute = 1 if cfg.hipe.substrate == "background" else 0
+    assert copies <= tiles * (2 + cfg.hipe.max_depth + substitute)
     ref = pipeline.explain_region(slide, 0, 0, W, H, config=cfg, model=tiny_model())
     np.testing.assert_allclose(res.saliency, ref.saliency, rtol=1e-6, atol=0)
     np.testing.assert_array_equal(res.segmentation, ref.segmentation)
