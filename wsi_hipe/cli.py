@@ -34,15 +34,16 @@ EXIT_ERROR = 1
 EXIT_PARTIAL = 3
 
 #: The demo's settings, measured to run the 2048x1536 demo slide in under 5 minutes on a 2-core
-#: CPU (BENCHMARKS.md, "Pipeline"): 256 px tiles with a 16 px halo (288 px model inputs),
-#: HiPe from a 4x4 grid for two depths (finest cells 36 px ≈ 18 µm), batches of 4 (faster per
-#: pass on a CPU than larger ones, and a third of the memory).
+#: CPU (BENCHMARKS.md, "Slide-level evaluation and defaults" and "The demo"): 256 px tiles with
+#: a 16 px halo (288 px model inputs), HiPe from a 9x9 grid for three depths, so the finest
+#: cells are 8 px (4 µm, about half a lymphocyte), batches of 4 (no slower per pass on a CPU
+#: than larger ones, and less memory). The substrate is the pipeline's default (background).
 DEMO_OVERRIDES: dict[str, Any] = {
     "tiling.tile_size": 256,
     "tiling.halo": 16,
     "score.floor": 5.0,
-    "hipe.start_grid": 4,
-    "hipe.max_depth": 2,
+    "hipe.start_grid": 9,
+    "hipe.max_depth": 3,
     "hipe.min_cell_size": 8,
     "hipe.batch_size": 4,
 }
