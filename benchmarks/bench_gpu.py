@@ -11,7 +11,8 @@ rot. Ratios are what matter; absolute times depend on the machine.
 2. **One pipeline tile** (``explain_region`` over one core): read → segment → score → HiPe on
    the model's device; seconds, passes/s.
 3. **A small slide through ``explain_slide``** (1024² px, ``configs/gpu.yaml``) with the
-   ``sync`` and ``local:1`` schedulers:
+   ``sync`` and ``local:1`` schedulers, and ``sync`` with another ``hipe.tiles_per_batch``
+   (tiles whose HiPe windows share forward batches; gpu.yaml: 8, against 1):
    tiles/s, passes/s, and the GPU's utilisation sampled by ``nvidia-smi dmon`` during the run
    (goal ≥ 80 %).
 4. **Autocast on vs off**: the same slide with ``model.autocast`` true and false (false inside
@@ -21,8 +22,8 @@ rot. Ratios are what matter; absolute times depend on the machine.
    256 px cores + 32 px halo, with HiPe batches of 128 and autocast; the 2048×1536 synthetic
    slide of ``wsi-hipe demo``): seconds, passes and
    the ratio to the compute floor, ``passes × FLOP per pass / peak``, FLOP counted by
-   ``torch.utils.flop_counter`` (peak: ``--peak-tflops``, default 790 = an H200's bf16 dense
-   rate measured on the lent machine). Goal ≤ 10 s on one H200.
+   ``torch.utils.flop_counter`` (peak: ``--peak-tflops``, default 790 TFLOP/s, taken as an
+   H200's attainable bf16 dense rate; pass the machine's own figure where it is known). Goal ≤ 10 s on one H200.
 
 Usage::
 
@@ -337,19 +338,34 @@ def saliency_of(out: Path) -> np.ndarray:
     return np.asarray(read_output(out).saliency[0], dtype=np.float64)
 
 
+def _grouped_diff(workdir: Path, group: int, other: int) -> float:
+    """``max|a − b| / max|b|`` of the small slide's saliency, ``other`` vs ``group`` tiles/task."""
+    ref = saliency_of(workdir / "small.ome.zarr")
+    alt = saliency_of(workdir / f"group{other}.ome.zarr")
+    return float(np.abs(alt - ref).max()) / (float(np.abs(ref).max()) or 1.0)
+
+
 def slides(cfg, sizes: Sizes, device: torch.device, workdir: Path, report: Report) -> None:
     from wsi_hipe.models import exact_float32
     from wsi_hipe.synthetic import write_slide
 
     small = write_slide(workdir / "small.tiff", size=sizes.slide, seed=0, mpp=0.5).path
     rows, data = [], {}
-    for scheduler in ("sync", "local:1"):
+    # hipe.tiles_per_batch: the config's (gpu.yaml: 8), and one other (1, or 4 when it is 1),
+    # to show what sharing batches across tiles buys; maps compared below.
+    group = cfg.hipe.tiles_per_batch
+    other = 1 if group > 1 else 4
+    runs = [("sync", group), ("sync", other), ("local:1", group)]
+    for scheduler, tiles_per_batch in runs:
+        name = "small.ome.zarr" if tiles_per_batch == group else f"group{tiles_per_batch}.ome.zarr"
         res, seconds, computed, util = run_slide(
-            small, workdir / "small.ome.zarr", cfg, scheduler, device
-        )
+            small, workdir / name, cfg.with_overrides({"hipe.tiles_per_batch": tiles_per_batch}),
+            scheduler, device,
+        )  # fmt: skip
         rows.append(
             [
                 scheduler,
+                tiles_per_batch,
                 res.tiles_total,
                 computed,
                 res.forward_passes,
@@ -360,7 +376,9 @@ def slides(cfg, sizes: Sizes, device: torch.device, workdir: Path, report: Repor
                 util["sm_median"],
             ]
         )
-        data[scheduler] = {
+        key = scheduler if tiles_per_batch == group else f"{scheduler} tiles_per_batch={other}"
+        data[key] = {
+            "tiles_per_batch": tiles_per_batch,
             "tiles": res.tiles_total,
             "computed": computed,
             "passes": res.forward_passes,
@@ -372,6 +390,7 @@ def slides(cfg, sizes: Sizes, device: torch.device, workdir: Path, report: Repor
         f"{report.env['config']})",
         [
             "scheduler",
+            "tiles/task",
             "tiles",
             "computed",
             "passes",
@@ -383,7 +402,10 @@ def slides(cfg, sizes: Sizes, device: torch.device, workdir: Path, report: Repor
         ],
         rows,
         "GPU utilisation: `nvidia-smi dmon -s u`, one sample a second during the run "
-        "(n/a without a GPU). Goal ≥ 80 %. `local:1` includes starting its Dask worker.",
+        "(n/a without a GPU). Goal ≥ 80 %. `local:1` includes starting its Dask worker. "
+        "tiles/task: `hipe.tiles_per_batch`, tiles whose HiPe windows share forward batches. "
+        f"Saliency with {other} vs {group} tiles per task: max relative difference "
+        f"{_grouped_diff(workdir, group, other):.2e} (batch rounding only).",
     )
     report.data["slide"] = data
 

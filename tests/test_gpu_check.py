@@ -148,6 +148,9 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     for scheduler in ("sync", "local:1"):
         assert data["slide"][scheduler]["computed"] > 0
     assert data["slide"]["sync"]["passes"] == data["slide"]["local:1"]["passes"]
+    # Tiles sharing HiPe batches (hipe.tiles_per_batch) refine the same windows.
+    grouped = data["slide"]["sync tiles_per_batch=4"]
+    assert grouped["tiles_per_batch"] == 4 and grouped["passes"] == data["slide"]["sync"]["passes"]
     assert data["autocast"]["saliency_max_rel_diff"] == 0.0  # float32 both ways on the CPU
     assert data["demo"]["passes"] > data["demo"]["tiles"] and data["demo"]["flop_per_pass"] > 0
     report = (out / "gpu_check.md").read_text()
