@@ -8,8 +8,9 @@ Two measurements, both on data the model was never trained on:
    is), segmented in one pass, and the labels are taken back to the crop's pixels (nearest).
    Reported: all-nuclei Dice (lymphocyte ∪ nucleus vs the mask), predicted / reference nuclear
    area, predicted connected components vs reference nuclei, the share of reference nuclei
-   inside a predicted component that covers two or more of them (fused), and the share of the
-   predicted nuclear area called lymphocyte.
+   inside a predicted component that covers two or more of them (fused) — also after the
+   distance-map watershed of :func:`wsi_hipe.cells.find_cells` that ``--cells`` applies — and
+   the share of the predicted nuclear area called lymphocyte.
 2. **Lymphocyte calls vs CD45** on the 48-channel CyCIF crop of lymphoid tissue
    (``slides/fluorescence/cropped_reactive_core.ome.tiff``, DNA = channel 0, its OME pixel size
    is wrong: 0.65 µm/px assumed) and its 58 quantified cells
@@ -44,8 +45,9 @@ CYCIF = DATA / "slides" / "fluorescence"
 TISSUE_MPP = 0.65  # CyCIF, as the data README says (the files carry no usable pixel size)
 
 
-def _labels(model, slide, mpp: float) -> np.ndarray:
-    """The model's labels over the whole slide at ``mpp`` (one pass, padded to a multiple of 8)."""
+def _labels(model, slide, mpp: float, *, probabilities: bool = False):
+    """The model's labels over the whole slide at ``mpp`` (one pass, padded to a multiple of 8),
+    and with ``probabilities`` its class probabilities ``(C, H, W)`` too."""
     import torch
 
     w, h = slide.dimensions
@@ -53,8 +55,27 @@ def _labels(model, slide, mpp: float) -> np.ndarray:
     pw, ph = -(-tw // 8) * 8, -(-th // 8) * 8
     x = torch.from_numpy(slide.read_input(0, 0, pw, ph, mpp=mpp))[None]
     with torch.no_grad():
-        labels = model.segment(x)[0].numpy()
-    return labels[:th, :tw]
+        logits = model(x)
+        labels = model.segment(x, logits=logits)[0].numpy()[:th, :tw]
+        if not probabilities:
+            return labels
+        probs = model.probabilities(x)[0].numpy()[:, :th, :tw]
+    return labels, probs
+
+
+def _fused(instances: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Shares of the reference nuclei (``mask`` ids) that share their predicted instance (by
+    majority) with another one, and that no predicted instance covers."""
+    owners = {}
+    for nucleus in np.unique(mask[mask > 0]):
+        hit = instances[mask == nucleus]
+        hit = hit[hit > 0]
+        if hit.size:
+            owners[int(nucleus)] = int(np.bincount(hit).argmax())
+    per_instance = np.bincount(list(owners.values()), minlength=int(instances.max()) + 1)
+    fused = sum(per_instance[c] >= 2 for c in owners.values())
+    n_ref = int(mask.max())
+    return fused / n_ref, 1 - len(owners) / n_ref
 
 
 def _back_to_source(labels: np.ndarray, shape: tuple[int, int], factor: float) -> np.ndarray:
@@ -68,31 +89,36 @@ def tissue_nuclei(model) -> dict:
     import tifffile
     from scipy import ndimage
 
+    from wsi_hipe.cells import MIN_AREA_UM2, SPLIT_DEPTH_UM, find_cells, um_to_px
     from wsi_hipe.slide import open_slide
 
     slide = open_slide(TISSUE / "tissue_dna_300.tiff", mpp=TISSUE_MPP)
     mask = tifffile.imread(TISSUE / "tissue_dna_300_mask.tiff")
-    labels = _back_to_source(_labels(model, slide, 0.5), mask.shape, TISSUE_MPP / 0.5)
+    target, probs = _labels(model, slide, 0.5, probabilities=True)
+    factor = TISSUE_MPP / 0.5
+    labels = _back_to_source(target, mask.shape, factor)
     pred = labels > 0
     ref = mask > 0
     components, n_components = ndimage.label(pred)
-    # Reference nuclei per predicted component (by each nucleus's majority component).
-    owners = {}
-    for nucleus in np.unique(mask[mask > 0]):
-        hit = components[mask == nucleus]
-        hit = hit[hit > 0]
-        if hit.size:
-            owners[int(nucleus)] = int(np.bincount(hit).argmax())
-    per_component = np.bincount(list(owners.values()), minlength=n_components + 1)
-    fused = sum(per_component[c] >= 2 for c in owners.values())
+    fused, missed = _fused(components, mask)
+    # What --cells makes of it: the all-nuclei mask split by the cells module's watershed.
+    cells = find_cells(
+        target > 0, probs[1] + probs[2], min_area=um_to_px(MIN_AREA_UM2, 0.5, power=2),
+        split_depth=um_to_px(SPLIT_DEPTH_UM, 0.5),
+    )  # fmt: skip
+    split = _back_to_source(cells.labels, mask.shape, factor)
+    fused_split, missed_split = _fused(split, mask)
     n_ref = int(mask.max())
     return {
         "all_nuclei_dice": float(2 * (pred & ref).sum() / (pred.sum() + ref.sum())),
         "area_ratio": float(pred.sum() / ref.sum()),
         "components": int(n_components),
         "reference_nuclei": n_ref,
-        "fused_share": float(fused / n_ref),
-        "missed_share": float(1 - len(owners) / n_ref),
+        "fused_share": float(fused),
+        "missed_share": float(missed),
+        "cells_split": int(cells.n),
+        "fused_share_split": float(fused_split),
+        "missed_share_split": float(missed_split),
         "lymphocyte_share_of_nuclear_area": float((labels == 1).sum() / max(pred.sum(), 1)),
     }
 
@@ -161,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         f"real tissue DNA crop: all-nuclei Dice {t['all_nuclei_dice']:.3f}, area "
         f"{t['area_ratio']:.2f}× the reference, {t['components']} components for "
         f"{t['reference_nuclei']} nuclei ({t['fused_share']:.0%} fused, "
-        f"{t['missed_share']:.0%} missed), {t['lymphocyte_share_of_nuclear_area']:.0%} of the "
-        "nuclear area called lymphocyte"
+        f"{t['missed_share']:.0%} missed); after the cells watershed {t['cells_split']} cells "
+        f"({t['fused_share_split']:.0%} fused, {t['missed_share_split']:.0%} missed); "
+        f"{t['lymphocyte_share_of_nuclear_area']:.0%} of the nuclear area called lymphocyte"
     )
     print(
         f"CyCIF lymphoid crop: {c['cells']} cells, CD45 Otsu threshold {c['cd45_threshold']:.2f} "

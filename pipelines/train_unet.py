@@ -587,7 +587,9 @@ def _real_tissue_lines(real: dict | None) -> str:
   pipeline, `nuclei/tissue/tissue_dna_300`): all-nuclei Dice **{t["all_nuclei_dice"]:.3f}**, predicted
   nuclear area {t["area_ratio"]:.2f}× the reference, but only {t["components"]} connected components for
   {t["reference_nuclei"]} nuclei: **{t["fused_share"]:.0%} of the nuclei are fused** with a neighbour into one blob
-  ({t["missed_share"]:.0%} missed). {t["lymphocyte_share_of_nuclear_area"]:.0%} of the nuclear area is called lymphocyte.
+  ({t["missed_share"]:.0%} missed). The distance-map watershed of `wsi_hipe.cells.find_cells` (what
+  `--cells` applies) splits them into {t["cells_split"]} cells, of which still {t["fused_share_split"]:.0%} hold two or more
+  nuclei. {t["lymphocyte_share_of_nuclear_area"]:.0%} of the nuclear area is called lymphocyte.
 - The 48-channel CyCIF crop of lymphoid tissue (`slides/fluorescence/cropped_reactive_core`,
   DNA channel, 58 quantified cells; CD45+ = CD45 intensity above the Otsu threshold of the 58,
   {c["cd45_positive"]} of {c["cells"]}): called lymphocyte on {c["lymphocyte_share_cd45_positive"]:.0%} of the CD45+ cells and
@@ -680,8 +682,8 @@ this model, not biology.
 - **On a real DAPI skin slide it calls the whole epidermis lymphocytes** (seen on the project's
   DAPI NDPI; not quantified: no masks), likely because packed, small, bright epidermal nuclei
   are the closest thing to the renderer's lymphocyte it knows.
-- Densely packed real nuclei are fused into blobs (above): it has no boundary class, so
-  per-cell results (`--cells`) on packed tissue are per blob.
+- Densely packed real nuclei are fused into blobs (above): it has no boundary class; the cells
+  watershed separates part of them, so on packed tissue a `--cells` row may be two nuclei.
 - Held-out real data with masks: {len(per_image)} BBBC039 image(s) of cultured cells; the real
   tissue figures above are on crops it never saw but which are not a gold standard.
 - Sensitive to µm/px: a slide at another resolution must be resampled to 0.5 µm/px.
