@@ -298,6 +298,23 @@ def test_demo_wiring_on_a_small_slide(workdir, tmp_path):
     assert str(out / "overview.png") in result.stdout
 
 
+def test_demo_settings_give_cell_resolution_maps_with_the_default_substrate():
+    """Issue 17: the demo's finest HiPe cells are <= 8 px (4 µm) on its 288 px model inputs."""
+    from wsi_hipe.cli import DEMO_OVERRIDES
+    from wsi_hipe.config import Config, load_config
+    from wsi_hipe.hipe import max_depths
+
+    cfg = load_config(overrides=DEMO_OVERRIDES)
+    side = cfg.tiling.tile_size + 2 * cfg.tiling.halo
+    depths = max_depths(
+        side, start_grid=cfg.hipe.start_grid, min_cell_size=cfg.hipe.min_cell_size,
+        max_depth=cfg.hipe.max_depth,
+    )  # fmt: skip
+    assert depths == cfg.hipe.max_depth  # every configured depth runs
+    assert side / (cfg.hipe.start_grid * 2 ** (depths - 1)) <= 8.0
+    assert cfg.hipe.substrate == Config().hipe.substrate == "background"
+
+
 def test_evaluate_command_writes_tables(workdir, tmp_path):
     out = tmp_path / "eval"
     sets = [
