@@ -18,9 +18,13 @@ Two measurements, both on data the model was never trained on:
    target-px window at its centroid; CD45+ is the cell's CD45 intensity above the Otsu threshold
    of the 58. Reported: the share of CD45+ and of CD45− cells called lymphocyte.
 
+With ``--split-sweep`` also ``cells.split_depth_um`` (the watershed depth of ``--cells``)
+against the shares of reference nuclei fused with another and cut in two.
+
 Usage::
 
     .venv/bin/python benchmarks/bench_real_tissue.py [--model bundled|PATH] [--json OUT.json]
+        [--split-sweep]
 
 Needs ``../shared/data`` (the project's data folder, next to the checkout, or
 ``$WSI_HIPE_SHARED_DATA``); exits 2 without it.
@@ -123,6 +127,43 @@ def tissue_nuclei(model) -> dict:
     }
 
 
+def _over_split(instances: np.ndarray, mask: np.ndarray, share: float = 0.2) -> float:
+    """Share of the reference nuclei cut in two: two or more predicted instances each cover at
+    least ``share`` of the nucleus's predicted pixels."""
+    cut = 0
+    for nucleus in np.unique(mask[mask > 0]):
+        hit = instances[mask == nucleus]
+        hit = hit[hit > 0]
+        if hit.size and (np.bincount(hit) >= share * hit.size).sum() >= 2:
+            cut += 1
+    return cut / int(mask.max())
+
+
+def split_sweep(model, depths_um=(0.0, 0.125, 0.25, 0.5, 1.0)) -> list[dict]:
+    """``cells.split_depth_um`` against fused and cut nuclei on the real tissue crop."""
+    import tifffile
+
+    from wsi_hipe.cells import MIN_AREA_UM2, find_cells, um_to_px
+    from wsi_hipe.slide import open_slide
+
+    slide = open_slide(TISSUE / "tissue_dna_300.tiff", mpp=TISSUE_MPP)
+    mask = tifffile.imread(TISSUE / "tissue_dna_300_mask.tiff")
+    target, probs = _labels(model, slide, 0.5, probabilities=True)
+    rows = []
+    for depth in depths_um:
+        cells = find_cells(
+            target > 0, probs[1] + probs[2], min_area=um_to_px(MIN_AREA_UM2, 0.5, power=2),
+            split_depth=um_to_px(depth, 0.5),
+        )  # fmt: skip
+        split = _back_to_source(cells.labels, mask.shape, TISSUE_MPP / 0.5)
+        fused, missed = _fused(split, mask)
+        rows.append(
+            {"split_depth_um": depth, "cells": int(cells.n), "fused": fused,
+             "cut": _over_split(split, mask), "missed": missed}
+        )  # fmt: skip
+    return rows
+
+
 def _otsu(values: np.ndarray) -> float:
     from skimage.filters import threshold_otsu
 
@@ -168,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--split-sweep", action="store_true", help="also cells.split_depth_um vs fused/cut nuclei"
+    )
     args = parser.parse_args(argv)
     if not (TISSUE.is_dir() and CYCIF.is_dir()):
         print(f"needs the project's data folder at {DATA}", file=sys.stderr)
@@ -197,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{c['lymphocyte_share_cd45_positive']:.0%} of CD45+, "
         f"{c['lymphocyte_share_cd45_negative']:.0%} of CD45−; calls {c['called']}"
     )
+    if args.split_sweep:
+        result["split_sweep"] = split_sweep(model)
+        print("| cells.split_depth_um | cells (263 nuclei) | fused ↓ | cut in two ↓ | missed |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in result["split_sweep"]:
+            print(
+                f"| {r['split_depth_um']} | {r['cells']} | {r['fused']:.0%} | {r['cut']:.0%} "
+                f"| {r['missed']:.0%} |"
+            )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0

@@ -146,6 +146,30 @@ def test_no_cells_gives_no_rows(tmp_path, model, cfg):
     assert anndata.read_zarr(tmp_path / "b.ome.zarr" / "tables" / "cells").n_obs == 0
 
 
+def test_the_cells_section_sets_the_split_and_is_stored(tmp_path, runs, slide, model, cfg):
+    from wsi_hipe import cells
+    from wsi_hipe.config import CellsConfig
+
+    # The section's defaults are the library's.
+    default = CellsConfig()
+    assert (default.split_depth_um, default.min_area_um2, default.ring_um, default.margin_um) == (
+        cells.SPLIT_DEPTH_UM, cells.MIN_AREA_UM2, cells.RING_UM, cells.MARGIN_UM,
+    )  # fmt: skip
+    _, result = runs
+    # A smaller watershed depth splits at least as many cells; a larger one merges.
+    counts = {}
+    for depth in (0.0, 2.0):
+        out = tmp_path / f"h{depth}.ome.zarr"
+        run = pipeline.explain_slide(
+            slide, out, config=cfg.with_overrides({"cells.split_depth_um": depth}), model=model,
+            cells=True,
+        )  # fmt: skip
+        assert run.ok
+        assert read_output(out).cells.info["split_depth_um"] == depth
+        counts[depth] = run.cells
+    assert counts[0.0] >= result.cells >= counts[2.0] and counts[0.0] > counts[2.0]
+
+
 def test_a_class_the_model_lacks_is_refused_with_its_classes(tmp_path, slide, model):
     cfg = load_config(overrides={**FAST, "score.class": 5})
     with pytest.raises(ConfigError, match=r"background.*lymphocyte.*nucleus"):

@@ -335,6 +335,28 @@ class HipeConfig(_Section):
     early_stop: bool = True
 
 
+class CellsConfig(_Section):
+    """How ``--cells`` finds and summarises cells (:mod:`wsi_hipe.cells`; used only with cells).
+
+    Attributes
+    ----------
+    split_depth_um : float
+        Depth (h) of the distance-map maxima that split touching cells, µm: smaller splits more
+        (fewer fused nuclei, more nuclei cut in two; BENCHMARKS.md, "Cells").
+    min_area_um2 : float
+        Smallest cell, µm²; smaller instances merge into a neighbour or are dropped.
+    ring_um : float
+        Width of the ring around a cell in which its saliency counts as "ring", µm.
+    margin_um : float
+        Margin by which a cell's mask grows into its score region, µm.
+    """
+
+    split_depth_um: float = Field(default=0.5, ge=0)
+    min_area_um2: float = Field(default=4.0, ge=0)
+    ring_um: float = Field(default=3.0, gt=0)
+    margin_um: float = Field(default=1.5, ge=0)
+
+
 class OutputConfig(_Section):
     """The output format.
 
@@ -492,6 +514,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     score: ScoreConfig = ScoreConfig()
     hipe: HipeConfig = HipeConfig()
+    cells: CellsConfig = CellsConfig()
     output: OutputConfig = OutputConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 

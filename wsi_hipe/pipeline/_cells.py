@@ -81,8 +81,9 @@ class CellSettings:
         index = cfg.score.class_index
         if not 0 <= index < len(names):  # check_model_for says it first; kept for direct calls
             raise ConfigError(f"score.class: the model's classes are {names}, got class {index}")
+        c = cfg.cells
         window = grid.window
-        min_area = max(um_to_px(MIN_AREA_UM2, cfg.tiling.mpp, power=2), 1.0)
+        min_area = max(um_to_px(c.min_area_um2, cfg.tiling.mpp, power=2), 1.0)
         bits = max(1, math.ceil(math.log2(window * window / min_area + 1)))
         tiles = grid.n_rows * grid.n_cols
         if tiles * 2**bits > _ID_LIMIT:
@@ -90,7 +91,11 @@ class CellSettings:
                 f"cells: {tiles} tiles of {window} px leave no room for 32-bit cell ids "
                 f"({bits} bits per tile); use a larger tiling.tile_size"
             )
-        return cls(class_index=index, class_name=str(names[index]), id_bits=bits)
+        return cls(
+            class_index=index, class_name=str(names[index]), ring_um=c.ring_um,
+            margin_um=c.margin_um, min_area_um2=c.min_area_um2, split_depth_um=c.split_depth_um,
+            id_bits=bits,
+        )  # fmt: skip
 
     def info(self) -> dict[str, Any]:
         """What the output stores about its cells (``tables/cells`` ``uns["wsi_hipe"]``)."""
