@@ -34,7 +34,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +63,9 @@ from wsi_hipe.models import (  # noqa: E402
 logger = logging.getLogger("train_unet")
 
 BBBC039_MPP = 0.65  # 20x objective of the ImageXpress images in BBBC039
+TISSUE_MPP = 0.65  # the CyCIF tissue DNA crop in ../shared/data/nuclei/tissue (no pixel size)
+#: Training label of a real nucleus whose class is unknown: supervised as "any nucleus".
+UNKNOWN_NUCLEUS = 3
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -89,6 +92,15 @@ class DataSection(_Section):
     bbbc039_dir: str | None = None
     bbbc039_eval: int = 2
     bbbc039_fraction: float = 0.25
+    # Real tissue nuclei (../shared/data/nuclei/tissue: one CyCIF DNA crop, 263 instances): the
+    # left columns train (every nucleus labelled "any nucleus", no class), the rightmost
+    # ``tissue_eval_cols`` source columns are held out.
+    tissue: bool = False
+    tissue_eval_cols: int = 100
+    tissue_fraction: float = 0.2
+    # Touching instances: pixels within ``seams_px`` of another instance become background in
+    # the training labels, so the model learns to leave a gap between packed nuclei (0: off).
+    seams_px: int = 0
 
 
 class TrainSection(_Section):
@@ -153,14 +165,68 @@ class Sample:
     source: str
 
 
-def synthetic_sample(seed: int, size: int, mpp: float) -> Sample:
+def synthetic_sample(seed: int, size: int, mpp: float, seams_px: int = 0) -> Sample:
     from wsi_hipe.synthetic import render_tile
 
     region = render_tile(seed, size, mpp=mpp)
     label = np.zeros(region.image.shape, dtype=np.uint8)
     label[region.nuclei] = 2
     label[region.lymphocytes > 0] = 1
+    if seams_px:
+        from scipy import ndimage
+
+        # Lymphocytes are instances; other nuclei only a mask: its connected components.
+        other, _ = ndimage.label(region.nuclei & (region.lymphocytes == 0))
+        lymph = region.lymphocytes.astype(np.int64)
+        instances = np.where(
+            lymph > 0, lymph, np.where(other > 0, other.astype(np.int64) + 2**40, 0)
+        )
+        label[touching_seams(instances, seams_px)] = 0
     return Sample(region.image.astype(np.float32), label, f"synthetic:{seed}")
+
+
+def touching_seams(instances: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of an instance with another instance within ``width`` px (square window)."""
+    from scipy import ndimage
+
+    size = 2 * int(width) + 1
+    inst = np.asarray(instances, dtype=np.int64)
+    none = int(inst.max()) + 1  # above every id (scipy's filters wrap near the int64 limit)
+    highest = ndimage.maximum_filter(inst, size=size)
+    lowest = ndimage.minimum_filter(np.where(inst > 0, inst, none), size=size)
+    return (inst > 0) & (lowest != none) & (highest != lowest)
+
+
+def load_tissue(
+    folder: Path, target_mpp: float, eval_cols: int, seams_px: int
+) -> tuple[Sample, tuple[str, np.ndarray, np.ndarray, Sample]]:
+    """The tissue crop split by columns: a training sample (label ``UNKNOWN_NUCLEUS`` on every
+    nucleus, seams cut) and the held-out part (name, raw, instance mask, rescaled sample)."""
+    import tifffile
+    from skimage import transform
+
+    raw = tifffile.imread(folder / "tissue_dna_300.tiff")
+    mask = tifffile.imread(folder / "tissue_dna_300_mask.tiff").astype(np.int64)
+    image = normalise_percentiles(raw)
+    cut = raw.shape[1] - int(eval_cols)
+    scale = TISSUE_MPP / target_mpp
+
+    def rescaled(img: np.ndarray, inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shape = (round(img.shape[0] * scale), round(img.shape[1] * scale))
+        img_r = transform.resize(img, shape, order=1, preserve_range=True, anti_aliasing=False)
+        inst_r = transform.resize(inst, shape, order=0, preserve_range=True, anti_aliasing=False)
+        return img_r.astype(np.float32), inst_r.astype(np.int64)
+
+    img_t, inst_t = rescaled(image[:, :cut], mask[:, :cut])
+    label = np.where(inst_t > 0, UNKNOWN_NUCLEUS, 0).astype(np.uint8)
+    if seams_px:
+        label[touching_seams(inst_t, seams_px)] = 0
+    train_sample = Sample(img_t, label, f"tissue:tissue_dna_300[:, :{cut}]")
+    img_e, inst_e = rescaled(image[:, cut:], mask[:, cut:])
+    eval_sample = Sample(img_e, np.where(inst_e > 0, UNKNOWN_NUCLEUS, 0).astype(np.uint8),
+                         f"tissue:tissue_dna_300[:, {cut}:]")  # fmt: skip
+    return train_sample, ("tissue_dna_300 (held-out columns)", raw[:, cut:], mask[:, cut:],
+                          eval_sample)  # fmt: skip
 
 
 def normalise_percentiles(
@@ -259,11 +325,14 @@ def make_batch(
     cfg: TrainConfig,
     rng: np.random.Generator,
     gen: torch.Generator,
+    tissue: list[Sample] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for _ in range(cfg.train.batch_size):
         use_real = real and rng.random() < cfg.data.bbbc039_fraction
         pool = real if use_real else synthetic
+        if tissue and not use_real and rng.random() < cfg.data.tissue_fraction:
+            pool = tissue
         image, label = random_crop(pool[int(rng.integers(0, len(pool)))], cfg.train.crop, rng)
         images.append(image)
         labels.append(label)
@@ -288,6 +357,29 @@ def soft_dice_loss(
     return torch.stack(losses).mean()
 
 
+def training_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float) -> torch.Tensor:
+    """Cross-entropy + soft Dice; ``UNKNOWN_NUCLEUS`` pixels count as "any nucleus"
+    (``-log(p_1 + p_2)``, and in an all-nuclei Dice term) and in no class's Dice."""
+    unknown = target == UNKNOWN_NUCLEUS
+    if not bool(unknown.any()):
+        return nn.functional.cross_entropy(logits, target) + dice_weight * soft_dice_loss(
+            logits, target
+        )
+    logp = torch.log_softmax(logits, dim=1)
+    known_target = torch.where(unknown, 0, target)
+    nll = -logp.gather(1, known_target[:, None])[:, 0]
+    nll = torch.where(unknown, -torch.logaddexp(logp[:, 1], logp[:, 2]), nll)
+    probs = logp.exp()
+    known = (~unknown).float()
+    losses = []
+    for c in (1, 2):
+        p, t = probs[:, c] * known, (target == c).float()
+        losses.append(1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
+    p_any, t_any = probs[:, 1] + probs[:, 2], (target > 0).float()
+    losses.append(1 - (2 * (p_any * t_any).sum() + 1) / (p_any.sum() + t_any.sum() + 1))
+    return nll.mean() + dice_weight * torch.stack(losses).mean()
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two bool masks (1.0 when both are empty)."""
     inter = np.logical_and(pred, truth).sum()
@@ -310,6 +402,7 @@ def evaluate(
     synthetic_eval: list[Sample],
     real_eval: list[tuple[str, np.ndarray, np.ndarray, Sample]],
     multiple: int,
+    tissue_eval: list[tuple[str, np.ndarray, np.ndarray, Sample]] | None = None,
 ) -> dict[str, Any]:
     """Held-out Dice: lymphocyte and all-nuclei on synthetic tiles; all-nuclei on BBBC039."""
     from skimage import transform
@@ -345,6 +438,29 @@ def evaluate(
     if real_dice:
         metrics["dice_all_nuclei_bbbc039"] = float(np.mean(list(real_dice.values())))
         metrics["dice_all_nuclei_bbbc039_per_image"] = real_dice
+    for _name, raw, instances, sample in tissue_eval or []:
+        from scipy import ndimage
+
+        probs = predict_probabilities(model, sample.image, multiple)
+        back = transform.resize(
+            probs[1] + probs[2], raw.shape, order=1, preserve_range=True, anti_aliasing=False
+        )
+        pred = back > 0.5
+        components, n = ndimage.label(pred)
+        owner = {}
+        for nucleus in np.unique(instances[instances > 0]):
+            hit = components[instances == nucleus]
+            hit = hit[hit > 0]
+            if hit.size:
+                owner[int(nucleus)] = int(np.bincount(hit).argmax())
+        shared = np.bincount(list(owner.values()), minlength=n + 1)
+        n_ref = len(np.unique(instances[instances > 0]))
+        metrics["dice_all_nuclei_tissue_held_out"] = dice(pred, instances > 0)
+        metrics["tissue_held_out_nuclei"] = n_ref
+        metrics["tissue_held_out_components"] = int(n)
+        metrics["tissue_held_out_fused_share"] = float(
+            sum(shared[c] >= 2 for c in owner.values()) / max(n_ref, 1)
+        )
     return metrics
 
 
@@ -359,6 +475,8 @@ class TrainingData:
     synthetic_eval: list[Sample]
     real_train: list[Sample]
     real_eval: list[tuple[str, np.ndarray, np.ndarray, Sample]]
+    tissue_train: list[Sample] = field(default_factory=list)
+    tissue_eval: list[tuple[str, np.ndarray, np.ndarray, Sample]] = field(default_factory=list)
 
 
 @dataclass
@@ -395,7 +513,9 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         fit.seconds,
         fit.cpu_seconds,
     )
-    metrics = evaluate(model, data.synthetic_eval, data.real_eval, 2**cfg.model.encoder_depth)
+    metrics = evaluate(
+        model, data.synthetic_eval, data.real_eval, 2**cfg.model.encoder_depth, data.tissue_eval
+    )
     logger.info("held-out metrics: %s", json.dumps(metrics, indent=1))
     training = training_record(cfg, data, fit, t_start)
     meta = ModelMeta(
@@ -429,7 +549,8 @@ def load_training_data(cfg: TrainConfig, rng: np.random.Generator, t_start: floa
     )
     mpps = d.mpp * (1 + rng.uniform(-d.mpp_jitter, d.mpp_jitter, d.synthetic_train_tiles))
     synthetic = [
-        synthetic_sample(cfg.seed * 100_003 + i, d.tile_size, float(m)) for i, m in enumerate(mpps)
+        synthetic_sample(cfg.seed * 100_003 + i, d.tile_size, float(m), d.seams_px)
+        for i, m in enumerate(mpps)
     ]
     synthetic_eval = [
         synthetic_sample(d.synthetic_eval_seed + i, d.tile_size, d.mpp)
@@ -450,7 +571,19 @@ def load_training_data(cfg: TrainConfig, rng: np.random.Generator, t_start: floa
             logger.info("BBBC039: %d training, %d held-out images", len(real_train), len(real_eval))
         else:
             logger.warning("BBBC039 folder %s not found: training on synthetic data only", folder)
-    return TrainingData(synthetic, synthetic_eval, real_train, real_eval)
+    tissue_train: list[Sample] = []
+    tissue_eval: list[tuple[str, np.ndarray, np.ndarray, Sample]] = []
+    if d.tissue:
+        shared = Path(os.environ.get("WSI_HIPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+        folder = shared / "nuclei" / "tissue"
+        if (folder / "tissue_dna_300.tiff").is_file():
+            sample, held_out = load_tissue(folder, d.mpp, d.tissue_eval_cols, d.seams_px)
+            tissue_train, tissue_eval = [sample], [held_out]
+            logger.info("tissue crop: %s for training, %d columns held out", sample.image.shape,
+                        d.tissue_eval_cols)  # fmt: skip
+        else:
+            logger.warning("tissue crop not found in %s: trained without it", folder)
+    return TrainingData(synthetic, synthetic_eval, real_train, real_eval, tissue_train, tissue_eval)
 
 
 def fit_model(
@@ -464,7 +597,6 @@ def fit_model(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
-    ce = nn.CrossEntropyLoss()
     # The budget counts this process's CPU time by default ("15 minutes on this CPU"), so a
     # machine shared with other jobs stretches the wall time instead of shortening training.
     budget_s = cfg.train.minutes * 60.0
@@ -489,9 +621,9 @@ def fit_model(
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        x, y = make_batch(data.synthetic, data.real_train, cfg, rng, gen)
+        x, y = make_batch(data.synthetic, data.real_train, cfg, rng, gen, data.tissue_train)
         logits = model(x)
-        loss = ce(logits, y) + cfg.train.dice_weight * soft_dice_loss(logits, y)
+        loss = training_loss(logits, y, cfg.train.dice_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -547,6 +679,9 @@ def training_record(cfg: TrainConfig, data: TrainingData, fit: Fit, t_start: flo
             "synthetic_held_out": f"{d.synthetic_eval_tiles} tiles, seeds {d.synthetic_eval_seed}.. at {d.mpp} µm/px",
             "bbbc039_train": [s.source for s in data.real_train],
             "bbbc039_held_out": [name for name, *_ in data.real_eval],
+            "tissue_train": [t.source for t in data.tissue_train],
+            "tissue_held_out": [name for name, *_ in data.tissue_eval],
+            "seams_px": d.seams_px,
             "bbbc039_note": (
                 f"BBBC039v1 Hoechst (U2OS, CC0), {BBBC039_MPP} µm/px rescaled to {d.mpp}, "
                 "normalised per image (p1 -> 0, p99.5 -> 1, clip 1.5), all nuclei labelled 'nucleus'"

@@ -214,3 +214,42 @@ def test_train_script_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "MODEL_CARD.md").is_file()
     with pytest.raises(Exception, match="unknown_key"):
         train_unet.main(["--out", str(tmp_path), "--set", "train.unknown_key=1"])
+
+
+def test_seams_cut_only_where_instances_touch() -> None:
+    train_unet = _load_train_script()
+    inst = np.zeros((6, 10), dtype=np.int64)
+    inst[1:5, 1:4] = 7  # touches 9 along x = 3 | 4
+    inst[1:5, 4:7] = 9
+    inst[1:3, 8:10] = 5  # alone: one background column away from 9
+    seams = train_unet.touching_seams(inst, 1)
+    # Within 1 px of another instance: the two touching columns, on both sides.
+    assert seams[1:5, 3].all() and seams[1:5, 4].all()
+    assert not seams[:, :3].any() and not seams[:, 5].any()
+    # 5 and 9 are 2 px apart (x = 6 and x = 8): no seam at width 1, both cut at width 2.
+    assert not seams[:, 6:].any()
+    assert train_unet.touching_seams(inst, 2)[1:3, 8].all()
+    assert not train_unet.touching_seams(np.where(inst == 7, 7, 0), 3).any()
+
+
+def test_unknown_nucleus_pixels_are_supervised_as_any_nucleus() -> None:
+    train_unet = _load_train_script()
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 1] = torch.tensor([[4.0, 0.0], [0.0, 0.0]])  # lymphocyte at (0, 0)
+    logits[0, 2] = torch.tensor([[0.0, 4.0], [0.0, 0.0]])  # nucleus at (0, 1)
+    unknown = torch.full((1, 2, 2), train_unet.UNKNOWN_NUCLEUS)
+    # Either nuclear class satisfies an unknown nucleus equally: swapping them changes nothing.
+    swapped = logits[:, [0, 2, 1]]
+    a = train_unet.training_loss(logits, unknown, 1.0)
+    b = train_unet.training_loss(swapped, unknown, 1.0)
+    torch.testing.assert_close(a, b)
+    # Without unknown pixels it is the plain cross-entropy + soft Dice of the 3 classes.
+    target = torch.tensor([[[1, 2], [0, 0]]])
+    plain = torch.nn.functional.cross_entropy(logits, target) + train_unet.soft_dice_loss(
+        logits, target
+    )
+    torch.testing.assert_close(train_unet.training_loss(logits, target, 1.0), plain)
+    # Background logits raised on an unknown nucleus raise the loss.
+    worse = logits.clone()
+    worse[0, 0] = 3.0
+    assert train_unet.training_loss(worse, unknown, 1.0) > a
