@@ -447,20 +447,11 @@ def evaluate(
         )
         pred = back > 0.5
         components, n = ndimage.label(pred)
-        owner = {}
-        for nucleus in np.unique(instances[instances > 0]):
-            hit = components[instances == nucleus]
-            hit = hit[hit > 0]
-            if hit.size:
-                owner[int(nucleus)] = int(np.bincount(hit).argmax())
-        shared = np.bincount(list(owner.values()), minlength=n + 1)
-        n_ref = len(np.unique(instances[instances > 0]))
+        fused, _ = _real_tissue_bench()._fused(components, instances)
         metrics["dice_all_nuclei_tissue_held_out"] = dice(pred, instances > 0)
-        metrics["tissue_held_out_nuclei"] = n_ref
+        metrics["tissue_held_out_nuclei"] = len(np.unique(instances[instances > 0]))
         metrics["tissue_held_out_components"] = int(n)
-        metrics["tissue_held_out_fused_share"] = float(
-            sum(shared[c] >= 2 for c in owner.values()) / max(n_ref, 1)
-        )
+        metrics["tissue_held_out_fused_share"] = float(fused)
     return metrics
 
 
@@ -692,16 +683,20 @@ def training_record(cfg: TrainConfig, data: TrainingData, fit: Fit, t_start: flo
     }
 
 
-def real_tissue_figures(weights: Path) -> dict | None:
-    """``benchmarks/bench_real_tissue.py`` on ``weights`` (None without ``../shared/data``)."""
+def _real_tissue_bench():
+    """``benchmarks/bench_real_tissue.py`` as a module (its measures are the card's)."""
     import importlib.util
 
     bench = REPO / "benchmarks" / "bench_real_tissue.py"
     spec = importlib.util.spec_from_file_location("bench_real_tissue", bench)
-    if spec is None or spec.loader is None:
-        return None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def real_tissue_figures(weights: Path) -> dict | None:
+    """``benchmarks/bench_real_tissue.py`` on ``weights`` (None without ``../shared/data``)."""
+    module = _real_tissue_bench()
     if not (module.TISSUE.is_dir() and module.CYCIF.is_dir()):
         return None
     from wsi_hipe.models import load_model

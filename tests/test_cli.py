@@ -47,6 +47,11 @@ def _invoke(*args):
     return result
 
 
+def _sets(items):
+    """``--set`` arguments, one per ``KEY=VALUE``."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def _arrays(path):
     view = read_output(path)
     return np.asarray(view.saliency[0]), np.asarray(view.segmentation[0])
@@ -324,9 +329,7 @@ def test_evaluate_command_writes_tables(workdir, tmp_path):
         "metrics.step_fraction=0.25",
         "methods=[{name: rise 8, method: rise, options: {n_masks: 8, grid: 4}}]",
     ]
-    args = ["evaluate", "--out", out, "--model", workdir / "tiny.pt"]
-    for item in sets:
-        args += ["--set", item]
+    args = ["evaluate", "--out", out, "--model", workdir / "tiny.pt", *_sets(sets)]
     result = _invoke(*args)
     assert result.exit_code == 0, result.output
     assert "rise 8" in result.stdout
@@ -349,9 +352,7 @@ def test_evaluate_slide_writes_the_slide_tables_and_resumes(workdir, tmp_path):
         "pipeline.tiling.halo=16",
         "pipeline.hipe.batch_size=16",
     ]
-    args = ["evaluate", "--slide", "--out", out, "--model", workdir / "tiny.pt"]
-    for item in sets:
-        args += ["--set", item]
+    args = ["evaluate", "--slide", "--out", out, "--model", workdir / "tiny.pt", *_sets(sets)]
     result = _invoke(*args)
     assert result.exit_code == 0, result.output
     assert "background · mid-range · 4×1" in result.stdout
