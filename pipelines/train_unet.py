@@ -101,6 +101,13 @@ class DataSection(_Section):
     # Touching instances: pixels within ``seams_px`` of another instance become background in
     # the training labels, so the model learns to leave a gap between packed nuclei (0: off).
     seams_px: int = 0
+    # Synthetic tiles rendered at a native µm/px drawn log-uniformly from this range, then
+    # box-filtered to the training µm/px as ``wsi_hipe.slide`` resamples a slide (None: rendered
+    # at the training µm/px directly).
+    native_mpp: tuple[float, float] | None = None
+    # Per-nucleus brightness factor exp(N(0, spread²)) on synthetic tiles: real tissue nuclei
+    # vary ~2.6x in brightness (p10-p90) where the renderer's vary ~1.35x (0: off).
+    brightness_spread: float = 0.0
 
 
 class TrainSection(_Section):
@@ -123,6 +130,18 @@ class AugmentSection(_Section):
     noise: tuple[float, float] = (0.0, 0.05)
     blur_prob: float = 0.2
     clip: tuple[float, float] = (0.0, 1.5)
+    # Out of focus: a Gaussian blur of sigma px in ``defocus_sigma_px``, over the whole crop or
+    # a smooth random part of it, with probability ``defocus_prob``.
+    defocus_prob: float = 0.0
+    defocus_sigma_px: tuple[float, float] = (0.8, 2.5)
+    # A 16-bit acquisition, with probability ``acquisition_prob``: quantised to ``counts`` grey
+    # levels per unit of normalised intensity (log-uniform: a dim 16-bit image uses few of its
+    # levels), then saturated at a level drawn from ``saturation``; below 1 the brightest nuclei
+    # clip and the slide's high percentile lands on the clip level (as on the real tissue crop,
+    # whose 99.5th percentile is 65535), so the clip level becomes 1.
+    acquisition_prob: float = 0.0
+    saturation: tuple[float, float] = (0.7, 1.3)
+    counts: tuple[float, float] = (48.0, 4096.0)
 
 
 class TrainConfig(_Section):
@@ -165,24 +184,68 @@ class Sample:
     source: str
 
 
-def synthetic_sample(seed: int, size: int, mpp: float, seams_px: int = 0) -> Sample:
+def synthetic_sample(
+    seed: int,
+    size: int,
+    mpp: float,
+    seams_px: int = 0,
+    native_mpp: float | None = None,
+    brightness_spread: float = 0.0,
+) -> Sample:
+    """A rendered tile and its labels at ``mpp``; rendered at ``native_mpp`` and box-filtered to
+    ``mpp`` if given, its nuclei's brightness varied by ``brightness_spread`` (log-normal σ)."""
+    from scipy import ndimage
+
     from wsi_hipe.synthetic import render_tile
 
-    region = render_tile(seed, size, mpp=mpp)
-    label = np.zeros(region.image.shape, dtype=np.uint8)
-    label[region.nuclei] = 2
-    label[region.lymphocytes > 0] = 1
+    n_native = size if native_mpp is None else max(1, round(size * mpp / native_mpp))
+    region = render_tile(seed, n_native, mpp=mpp if native_mpp is None else native_mpp)
+    # Lymphocytes are instances; other nuclei only a mask: its connected components.
+    other, _ = ndimage.label(region.nuclei & (region.lymphocytes == 0))
+    lymph = region.lymphocytes.astype(np.int64)
+    instances = np.where(lymph > 0, lymph, np.where(other > 0, other.astype(np.int64) + 2**40, 0))
+    image = region.image.astype(np.float32)
+    if brightness_spread > 0:
+        image = vary_brightness(image, instances, brightness_spread, np.random.default_rng(seed))
+    if n_native != size:
+        image, instances = box_resample(image, instances, size)
+    label = np.where(instances >= 2**40, 2, np.where(instances > 0, 1, 0)).astype(np.uint8)
     if seams_px:
-        from scipy import ndimage
-
-        # Lymphocytes are instances; other nuclei only a mask: its connected components.
-        other, _ = ndimage.label(region.nuclei & (region.lymphocytes == 0))
-        lymph = region.lymphocytes.astype(np.int64)
-        instances = np.where(
-            lymph > 0, lymph, np.where(other > 0, other.astype(np.int64) + 2**40, 0)
-        )
         label[touching_seams(instances, seams_px)] = 0
-    return Sample(region.image.astype(np.float32), label, f"synthetic:{seed}")
+    source = f"synthetic:{seed}" if native_mpp is None else f"synthetic:{seed}@{native_mpp:.3f}"
+    return Sample(image, label, source)
+
+
+def box_resample(
+    image: np.ndarray, instances: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A square tile to ``size`` px: the image by the slide reader's box filter (area-weighted
+    mean; covering pixels when upsampling), the instances by the pixel under each centre."""
+    from wsi_hipe.slide._resample import _area_weights
+
+    n = image.shape[0]
+    ratio = n / size
+    w = _area_weights(0.0, ratio, size, n)
+    out = np.asarray(w @ (w @ image.astype(np.float32)).T).T.astype(np.float32)
+    centres = np.minimum(((np.arange(size) + 0.5) * ratio).astype(np.int64), n - 1)
+    return out, instances[np.ix_(centres, centres)]
+
+
+def vary_brightness(
+    image: np.ndarray, instances: np.ndarray, spread: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Each nucleus (and its blurred rim, fading over ~2 px) times its own exp(N(0, spread²))."""
+    from scipy import ndimage
+
+    ids, inverse = np.unique(instances, return_inverse=True)
+    factor = np.exp(rng.normal(0.0, spread, len(ids))).astype(np.float32)
+    factor[ids == 0] = 1.0
+    if not (ids > 0).any():
+        return image
+    dist, (iy, ix) = ndimage.distance_transform_edt(instances == 0, return_indices=True)
+    nearest = factor[inverse.reshape(instances.shape)[iy, ix]]
+    weight = np.exp(-0.5 * (dist / 2.0) ** 2).astype(np.float32)
+    return image * (1.0 + (nearest - 1.0) * weight)
 
 
 def touching_seams(instances: np.ndarray, width: int) -> np.ndarray:
@@ -292,6 +355,31 @@ def random_crop(
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
+def augment_acquisition(
+    image: np.ndarray, cfg: AugmentSection, rng: np.random.Generator
+) -> np.ndarray:
+    """Out-of-focus blur (whole crop or a smooth part of it) and a 16-bit acquisition
+    (quantisation, then saturation), each with its probability; a normalised crop in and out."""
+    from scipy import ndimage
+
+    x = image
+    if rng.random() < cfg.defocus_prob:
+        blurred = ndimage.gaussian_filter(x, float(rng.uniform(*cfg.defocus_sigma_px)))
+        if rng.random() < 0.5:
+            x = blurred
+        else:  # a soft-edged region of the crop, ~ a quarter to three quarters of it
+            field = ndimage.gaussian_filter(rng.standard_normal(x.shape), x.shape[0] / 8)
+            field /= max(float(field.std()), 1e-6)
+            part = 1.0 / (1.0 + np.exp(-4.0 * (field - rng.uniform(-0.7, 0.7))))
+            x = (part * blurred + (1.0 - part) * x).astype(np.float32)
+    if rng.random() < cfg.acquisition_prob:
+        level = float(rng.uniform(*cfg.saturation))
+        lo, hi = np.log(cfg.counts)
+        counts = float(np.exp(rng.uniform(lo, hi)))
+        x = np.minimum(np.round(x * counts) / counts, level) / min(level, 1.0)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
 def augment_intensity(
     batch: torch.Tensor, cfg: AugmentSection, gen: torch.Generator
 ) -> torch.Tensor:
@@ -334,7 +422,7 @@ def make_batch(
         if tissue and not use_real and rng.random() < cfg.data.tissue_fraction:
             pool = tissue
         image, label = random_crop(pool[int(rng.integers(0, len(pool)))], cfg.train.crop, rng)
-        images.append(image)
+        images.append(augment_acquisition(image, cfg.augment, rng))
         labels.append(label)
     x = torch.from_numpy(np.stack(images))[:, None]
     y = torch.from_numpy(np.stack(labels).astype(np.int64))
@@ -539,8 +627,15 @@ def load_training_data(cfg: TrainConfig, rng: np.random.Generator, t_start: floa
         "rendering %d synthetic training tiles (%d px)", d.synthetic_train_tiles, d.tile_size
     )
     mpps = d.mpp * (1 + rng.uniform(-d.mpp_jitter, d.mpp_jitter, d.synthetic_train_tiles))
+    natives: list[float | None] = [None] * d.synthetic_train_tiles
+    if d.native_mpp is not None:
+        lo, hi = np.log(d.native_mpp)
+        natives = [float(v) for v in np.exp(rng.uniform(lo, hi, d.synthetic_train_tiles))]
     synthetic = [
-        synthetic_sample(cfg.seed * 100_003 + i, d.tile_size, float(m), d.seams_px)
+        synthetic_sample(
+            cfg.seed * 100_003 + i, d.tile_size, float(m), d.seams_px, natives[i],
+            d.brightness_spread,
+        )  # fmt: skip
         for i, m in enumerate(mpps)
     ]
     synthetic_eval = [
@@ -665,7 +760,18 @@ def training_record(cfg: TrainConfig, data: TrainingData, fit: Fit, t_start: flo
             "synthetic": (
                 f"{d.synthetic_train_tiles} tiles of {d.tile_size} px from wsi_hipe.synthetic.render_tile "
                 f"(seeds {cfg.seed * 100_003}..{cfg.seed * 100_003 + d.synthetic_train_tiles - 1}, "
-                f"µm/px {d.mpp} ± {d.mpp_jitter * 100:.0f} %)"
+                f"µm/px {d.mpp} ± {d.mpp_jitter * 100:.0f} %"
+                + (
+                    f", rendered at {d.native_mpp[0]}-{d.native_mpp[1]} µm/px and box-filtered"
+                    if d.native_mpp is not None
+                    else ""
+                )
+                + (
+                    f", nucleus brightness x exp(N(0, {d.brightness_spread}²))"
+                    if d.brightness_spread
+                    else ""
+                )
+                + ")"
             ),
             "synthetic_held_out": f"{d.synthetic_eval_tiles} tiles, seeds {d.synthetic_eval_seed}.. at {d.mpp} µm/px",
             "bbbc039_train": [s.source for s in data.real_train],

@@ -253,3 +253,78 @@ def test_unknown_nucleus_pixels_are_supervised_as_any_nucleus() -> None:
     worse = logits.clone()
     worse[0, 0] = 3.0
     assert train_unet.training_loss(worse, unknown, 1.0) > a
+
+
+def test_box_resample_is_the_slide_readers_area_mean() -> None:
+    train_unet = _load_train_script()
+    rng = np.random.default_rng(0)
+    image = rng.random((8, 8)).astype(np.float32)
+    inst = np.arange(64).reshape(8, 8)
+    half, picked = train_unet.box_resample(image, inst, 4)
+    np.testing.assert_allclose(half, image.reshape(4, 2, 4, 2).mean(axis=(1, 3)), rtol=1e-5)
+    assert (picked == inst[1::2, 1::2]).all()  # the pixel under each output centre
+    # Upsampling by 2 repeats each source pixel; a constant image stays constant at any ratio.
+    double, _ = train_unet.box_resample(image, inst, 16)
+    np.testing.assert_allclose(double, np.repeat(np.repeat(image, 2, 0), 2, 1), rtol=1e-5)
+    flat, _ = train_unet.box_resample(np.full((13, 13), 0.3, np.float32), np.zeros((13, 13), int), 10)
+    np.testing.assert_allclose(flat, 0.3, rtol=1e-5)
+
+
+def test_vary_brightness_scales_each_nucleus_by_its_own_factor() -> None:
+    train_unet = _load_train_script()
+    image = np.full((40, 40), 0.05, np.float32)
+    inst = np.zeros((40, 40), np.int64)
+    inst[5:12, 5:12], inst[25:33, 25:33] = 1, 2
+    image[inst > 0] = 0.6
+    out = train_unet.vary_brightness(image, inst, 0.5, np.random.default_rng(3))
+    ratios = [np.unique(np.round(out[inst == k] / image[inst == k], 5)) for k in (1, 2)]
+    assert all(len(r) == 1 for r in ratios) and ratios[0][0] != ratios[1][0]
+    assert np.allclose(out[18, 18], 0.05, rtol=1e-4)  # far from every nucleus: unchanged
+    again = train_unet.vary_brightness(image, inst, 0.5, np.random.default_rng(3))
+    np.testing.assert_array_equal(out, again)
+    assert np.array_equal(train_unet.vary_brightness(image, inst * 0, 0.5, np.random.default_rng(3)), image)
+
+
+def test_acquisition_augment_saturates_quantises_and_defocuses() -> None:
+    train_unet = _load_train_script()
+    rng = np.random.default_rng(1)
+    crop = rng.random((64, 64)).astype(np.float32) * 1.2
+    off = train_unet.AugmentSection()  # both off by default: the bundled recipe is unchanged
+    np.testing.assert_array_equal(train_unet.augment_acquisition(crop, off, rng), crop)
+    clip = train_unet.AugmentSection(acquisition_prob=1.0, saturation=(0.8, 0.8), counts=(64, 64))
+    out = train_unet.augment_acquisition(crop, clip, rng)
+    # in steps of 1 / 64, saturated at 0.8, which becomes the new 1.0
+    assert out.max() == pytest.approx(1.0) and (out >= 1.0 - 1e-6).mean() > 0.3
+    steps = out[out < 1.0] * 0.8 * 64
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+    blur = train_unet.AugmentSection(defocus_prob=1.0, defocus_sigma_px=(2.0, 2.0))
+    from scipy import ndimage
+
+    blurred = ndimage.gaussian_filter(crop, 2.0)
+    for seed in range(6):  # the whole crop or a smooth part of it: a pixelwise mix of the two
+        soft = train_unet.augment_acquisition(crop, blur, np.random.default_rng(seed))
+        assert ((soft - crop) * (blurred - soft) >= -1e-6).all()
+        assert np.abs(soft - crop).mean() > 0.05 * np.abs(blurred - crop).mean()
+
+
+def test_native_resolution_tiles_match_the_direct_rendering() -> None:
+    """A tile rendered at 0.25 µm/px and box-filtered to 0.5 shows the same nuclei as the tile
+    rendered at 0.5: the same slide window, lymphocytes in the same place."""
+    train_unet = _load_train_script()
+    seed = next(s for s in range(FRESH_SEED, FRESH_SEED + 50) if
+                (_fresh_tile_lymph(s) > 0.05))  # fmt: skip
+    direct = train_unet.synthetic_sample(seed, 96, 0.5)
+    fine = train_unet.synthetic_sample(seed, 96, 0.5, native_mpp=0.25)
+    coarse = train_unet.synthetic_sample(seed, 96, 0.5, native_mpp=0.65)
+    for other in (fine, coarse):
+        assert other.image.shape == direct.image.shape and other.label.shape == direct.label.shape
+        assert _dice(other.label == 1, direct.label == 1) > 0.8
+        assert _dice(other.label > 0, direct.label > 0) > 0.8
+        assert np.corrcoef(other.image.ravel(), direct.image.ravel())[0, 1] > 0.8
+    assert fine.source.endswith("@0.250")
+
+
+def _fresh_tile_lymph(seed: int) -> float:
+    from wsi_hipe.synthetic import render_tile
+
+    return float((render_tile(seed, 96).lymphocytes > 0).mean())
