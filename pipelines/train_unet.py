@@ -14,9 +14,19 @@ Data
   the training µm/px, normalised per image like a slide (1st / 99.5th percentile → 0 / 1,
   clipped to [0, 1.5]); every nucleus is labelled 2 ("nucleus": these are not lymphocytes).
   The last ``bbbc039_eval`` images (sorted by name) are held out for the all-nuclei Dice.
+- Optionally (``data.tissue``) the real CyCIF tissue DNA crop: its left columns train with
+  every nucleus labelled "any nucleus" (:data:`UNKNOWN_NUCLEUS`), its right
+  ``tissue_eval_cols`` columns are held out (Dice, connected components, fused share).
+- Optionally (``data.seams_px``) background seams where two instances touch, so packed nuclei
+  come out separated.
 
 Augmentation makes the model robust to slide normalisation: random gain, offset and gamma,
-Gaussian noise, occasional blur, flips and 90° rotations.
+Gaussian noise, occasional blur, flips and 90° rotations. Where the real tissue crop differs
+from the renderer (``benchmarks`` note in BENCHMARKS.md "Model"), optional augmentations bring
+the synthetic tiles closer: rendering at a native 0.25-0.65 µm/px and box-filtering to the
+training µm/px (``data.native_mpp``), a per-nucleus brightness spread
+(``data.brightness_spread``), out-of-focus regions (``augment.defocus_prob``) and 16-bit
+quantisation with saturation (``augment.acquisition_prob``).
 
 Output (``--out``, default ``wsi_hipe/models/weights``): ``lymphocyte_unet.safetensors``, its
 JSON sidecar (architecture, classes, normalisation, µm/px, training data, held-out metrics),
@@ -633,7 +643,11 @@ def load_training_data(cfg: TrainConfig, rng: np.random.Generator, t_start: floa
         natives = [float(v) for v in np.exp(rng.uniform(lo, hi, d.synthetic_train_tiles))]
     synthetic = [
         synthetic_sample(
-            cfg.seed * 100_003 + i, d.tile_size, float(m), d.seams_px, natives[i],
+            cfg.seed * 100_003 + i,
+            d.tile_size,
+            float(m),
+            d.seams_px,
+            natives[i],
             d.brightness_spread,
         )  # fmt: skip
         for i, m in enumerate(mpps)
@@ -811,13 +825,21 @@ def real_tissue_figures(weights: Path) -> dict | None:
     return {"tissue": module.tissue_nuclei(model), "cd45": module.cd45_share(model)}
 
 
-def _real_tissue_lines(real: dict | None) -> str:
+def _real_tissue_lines(real: dict | None, tissue_trained: bool = False) -> str:
     if real is None:
         return (
             "Not measured here (`benchmarks/bench_real_tissue.py` needs the project's data folder)."
         )
     t, c = real["tissue"], real["cd45"]
-    return f"""Measured by `benchmarks/bench_real_tissue.py` on data this model was never trained on:
+    if tissue_trained:
+        seen = """Measured by `benchmarks/bench_real_tissue.py` on the whole crops. The tissue DNA crop's left
+two thirds were training data (its held-out right third: "Held-out results" above); the CyCIF
+lymphoid crop was never trained on:"""
+    else:
+        seen = (
+            "Measured by `benchmarks/bench_real_tissue.py` on data this model was never trained on:"
+        )
+    return f"""{seen}
 
 - A real tissue DNA crop (CyCIF, ~0.65 µm/px, 300×300 px, 263 nuclei from a segmentation
   pipeline, `nuclei/tissue/tissue_dna_300`): all-nuclei Dice **{t["all_nuclei_dice"]:.3f}**, predicted
@@ -829,8 +851,8 @@ def _real_tissue_lines(real: dict | None) -> str:
 - The 48-channel CyCIF crop of lymphoid tissue (`slides/fluorescence/cropped_reactive_core`,
   DNA channel, 58 quantified cells; CD45+ = CD45 intensity above the Otsu threshold of the 58,
   {c["cd45_positive"]} of {c["cells"]}): called lymphocyte on {c["lymphocyte_share_cd45_positive"]:.0%} of the CD45+ cells and
-  {c["lymphocyte_share_cd45_negative"]:.0%} of the CD45− ones ({c["cells"] - c["cd45_positive"]} cells: too few to conclude). The
-  lymphocyte call barely follows the leukocyte marker."""
+  {c["lymphocyte_share_cd45_negative"]:.0%} of the CD45− ones ({c["cells"] - c["cd45_positive"]} cells: too few to conclude): the
+  lymphocyte call is not a leukocyte call."""
 
 
 def write_model_card(
@@ -847,6 +869,55 @@ def write_model_card(
 
     per_image = metrics.get("dice_all_nuclei_bbbc039_per_image", {})
     per_image_lines = "\n".join(f"  - `{name}`: {fmt(v)}" for name, v in per_image.items())
+    data, cfg = training["data"], training["config"]
+    tissue_trained = bool(data.get("tissue_train"))
+    seams = int(data.get("seams_px") or 0)
+    aug = cfg["augment"]
+    extra_aug = []
+    if aug.get("defocus_prob"):
+        lo, hi = aug["defocus_sigma_px"]
+        extra_aug.append(
+            f"out-of-focus regions (Gaussian σ {lo}–{hi} px over the crop or a smooth part of it, "
+            f"p = {aug['defocus_prob']})"
+        )
+    if aug.get("acquisition_prob"):
+        lo, hi = aug["counts"]
+        s_lo, s_hi = aug["saturation"]
+        extra_aug.append(
+            f"16-bit acquisitions ({lo:.0f}–{hi:.0f} grey levels per unit, saturation at "
+            f"{s_lo}–{s_hi}, p = {aug['acquisition_prob']})"
+        )
+    aug_line = "random gain, offset, gamma, Gaussian noise, blur, flips, 90° rotations" + "".join(
+        f", {a}" for a in extra_aug
+    )
+    tissue_lines = ""
+    if tissue_trained:
+        tissue_lines = f"""
+- Real tissue nuclei: the left {300 - cfg["data"]["tissue_eval_cols"]} of 300 columns of the CyCIF DNA crop
+  `nuclei/tissue/tissue_dna_300` (~0.65 µm/px, rescaled to the training µm/px), every nucleus
+  labelled "any nucleus" (lymphocyte or nucleus both count: its cells have no class), in
+  {cfg["data"]["tissue_fraction"]:.0%} of the non-BBBC039 crops; the right {cfg["data"]["tissue_eval_cols"]} columns are held out."""
+    if seams:
+        tissue_lines += f"""
+- Touching nuclei: where two instances touch, the pixels within {seams} px of the other instance
+  are labelled background (a seam), in the synthetic and tissue labels, so the model leaves a
+  gap between packed nuclei that connected components and the cells watershed can split on."""
+    held_tissue = ""
+    if "dice_all_nuclei_tissue_held_out" in metrics:
+        held_tissue = f"""
+- All-nuclei Dice on the held-out right third of the real tissue DNA crop:
+  **{fmt(metrics["dice_all_nuclei_tissue_held_out"])}**; {metrics["tissue_held_out_components"]} connected components for its
+  {metrics["tissue_held_out_nuclei"]} reference nuclei ({metrics["tissue_held_out_fused_share"]:.0%} of them share a component with another)."""
+    if cfg["train"].get("max_steps"):
+        schedule = (
+            f"The learning-rate schedule followed `train.max_steps` ({cfg['train']['max_steps']}), so "
+            "the same command repeats the run step for step (up to float rounding of the CPU)."
+        )
+    else:
+        schedule = (
+            "The learning-rate schedule followed the CPU-time budget; for a run of the same length "
+            f"that any machine repeats (a step-based schedule, same seed), add `--max-steps {training['steps']}`."
+        )
     text = f"""# Model card: bundled lymphocyte / nucleus U-Net
 
 `{weights.name}` (+ `{weights.with_suffix(".json").name}`, the sidecar read by
@@ -881,14 +952,12 @@ lymphocyte, whatever its lineage; no immune marker is involved.
 - {training["data"]["synthetic"]} (`wsi_hipe.synthetic`: lymphocytes, tumour and stromal nuclei,
   debris, folds, blur, uneven illumination).
 - Real BBBC039v1 Hoechst images (U2OS cells, CC0, Broad Bioimage Benchmark Collection):
-  {training["data"]["bbbc039_note"]}. Training images: {len(training["data"]["bbbc039_train"])}.
-- Augmentation: random gain, offset, gamma, Gaussian noise, blur, flips, 90° rotations.
+  {training["data"]["bbbc039_note"]}. Training images: {len(training["data"]["bbbc039_train"])}.{tissue_lines}
+- Augmentation: {aug_line}.
 - {training["steps"]} steps, {training.get("train_cpu_seconds", float("nan")):.0f} s of CPU time ({training["train_seconds"]:.0f} s wall on a
   machine shared with other jobs), {training["threads"]} torch thread(s), torch {training["torch"]}, seed
   {training["config"]["seed"]}. Batch {training["config"]["train"]["batch_size"]} crops of {training["config"]["train"]["crop"]} px, AdamW, cosine learning rate,
-  cross-entropy + soft Dice. The learning-rate schedule followed the CPU-time budget; for a
-  run of the same length that any machine repeats (a step-based schedule, same seed), add
-  `--max-steps {training["steps"]}`.
+  cross-entropy + soft Dice. {schedule}
 
 ## Held-out results
 
@@ -897,7 +966,7 @@ lymphocyte, whatever its lineage; no immune marker is involved.
 - All-nuclei Dice on the same tiles: {fmt(metrics["dice_all_nuclei_synthetic"])}.
 - All-nuclei Dice (p(lymphocyte) + p(nucleus) > 0.5, at the original resolution) on held-out
   real BBBC039 images: **{fmt(metrics.get("dice_all_nuclei_bbbc039", "n/a"))}**
-{per_image_lines}
+{per_image_lines}{held_tissue}
 
 ## Intended use
 
@@ -908,7 +977,7 @@ this model, not biology.
 
 ## On real tissue
 
-{_real_tissue_lines(real_tissue)}
+{_real_tissue_lines(real_tissue, tissue_trained)}
 
 ## Limitations and known failures
 
@@ -918,10 +987,11 @@ this model, not biology.
 - **On a real DAPI skin slide it calls the whole epidermis lymphocytes** (seen on the project's
   DAPI NDPI; not quantified: no masks), likely because packed, small, bright epidermal nuclei
   are the closest thing to the renderer's lymphocyte it knows.
-- Densely packed real nuclei are fused into blobs (above): it has no boundary class; the cells
-  watershed separates part of them, so on packed tissue a `--cells` row may be two nuclei.
-- Held-out real data with masks: {len(per_image)} BBBC039 image(s) of cultured cells; the real
-  tissue figures above are on crops it never saw but which are not a gold standard.
+- Densely packed real nuclei are fused into blobs (above){" less often than without seams, but still" if seams else ""}: it has no
+  boundary class{" (the seams are background)" if seams else ""}; the cells watershed separates part of them, so on packed tissue a
+  `--cells` row may be two nuclei.
+- Held-out real data with masks: {len(per_image)} BBBC039 image(s) of cultured cells{" and one third of one tissue crop" if tissue_trained else ""}; the
+  tissue crop's mask is a segmentation pipeline's output, not a gold standard.
 - Sensitive to µm/px: a slide at another resolution must be resampled to 0.5 µm/px.
 """
     path.write_text(text, encoding="utf-8")

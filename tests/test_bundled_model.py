@@ -266,7 +266,9 @@ def test_box_resample_is_the_slide_readers_area_mean() -> None:
     # Upsampling by 2 repeats each source pixel; a constant image stays constant at any ratio.
     double, _ = train_unet.box_resample(image, inst, 16)
     np.testing.assert_allclose(double, np.repeat(np.repeat(image, 2, 0), 2, 1), rtol=1e-5)
-    flat, _ = train_unet.box_resample(np.full((13, 13), 0.3, np.float32), np.zeros((13, 13), int), 10)
+    flat, _ = train_unet.box_resample(
+        np.full((13, 13), 0.3, np.float32), np.zeros((13, 13), int), 10
+    )
     np.testing.assert_allclose(flat, 0.3, rtol=1e-5)
 
 
@@ -282,7 +284,9 @@ def test_vary_brightness_scales_each_nucleus_by_its_own_factor() -> None:
     assert np.allclose(out[18, 18], 0.05, rtol=1e-4)  # far from every nucleus: unchanged
     again = train_unet.vary_brightness(image, inst, 0.5, np.random.default_rng(3))
     np.testing.assert_array_equal(out, again)
-    assert np.array_equal(train_unet.vary_brightness(image, inst * 0, 0.5, np.random.default_rng(3)), image)
+    assert np.array_equal(
+        train_unet.vary_brightness(image, inst * 0, 0.5, np.random.default_rng(3)), image
+    )
 
 
 def test_acquisition_augment_saturates_quantises_and_defocuses() -> None:
