@@ -611,6 +611,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
         class_names=DEFAULT_CLASS_NAMES,
         activation="softmax",
         in_channels=1,
+        channel_names=("Hoechst",),  # any nuclear stain matches it; marker channels are refused
         mpp=cfg.data.mpp,
         normalization=dict(DEFAULT_NORMALIZATION),
         architecture=arch,

@@ -212,6 +212,7 @@ def test_train_script_smoke(tmp_path: Path) -> None:
     assert trained.meta.training["steps"] == 2
     assert 0.0 <= trained.meta.metrics["dice_lymphocyte_synthetic"] <= 1.0
     assert (tmp_path / "MODEL_CARD.md").is_file()
+    assert trained.meta.channel_names == ("Hoechst",)  # as the bundled sidecar says
     with pytest.raises(Exception, match="unknown_key"):
         train_unet.main(["--out", str(tmp_path), "--set", "train.unknown_key=1"])
 
