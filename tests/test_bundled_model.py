@@ -74,6 +74,12 @@ def test_bundled_files_and_provenance(model) -> None:
     # the recorded held-out metrics meet the targets of the issue
     assert side["metrics"]["dice_lymphocyte_synthetic"] >= 0.85
     assert side["metrics"]["dice_all_nuclei_bbbc039"] >= 0.70
+    # issue 17: trained on real tissue with a held-out part, all-nuclei Dice >= 0.80 there
+    assert side["metrics"]["dice_all_nuclei_tissue_held_out"] >= 0.80
+    assert side["training"]["data"]["tissue_held_out"] and side["training"]["data"]["seams_px"] >= 1
+    card = (path.parent / "MODEL_CARD.md").read_text(encoding="utf-8")
+    held = side["metrics"]["dice_all_nuclei_tissue_held_out"]
+    assert f"held-out right third of the real tissue DNA crop:\n  **{held:.3f}**" in card
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -133,8 +139,11 @@ def test_bundled_on_real_tissue_as_the_model_card_says(model, shared_data: Path)
     # All nuclei are found (the card's figure, 0.889; a regression below 0.8 fails), ...
     assert tissue["all_nuclei_dice"] >= 0.80 and tissue["missed_share"] < 0.05
     assert tissue["reference_nuclei"] == 263 and 0.0 <= tissue["fused_share"] <= 1.0
-    # ... but packed nuclei fuse: fewer components than nuclei (a known failure, on the card).
+    # ... but packed nuclei fuse: fewer components than nuclei (a known failure, on the card),
+    # though the seams keep it well below the 74 % of the weights trained without them.
     assert tissue["components"] < tissue["reference_nuclei"]
+    held = tissue["held_out"]  # the columns train_unet.py held out of training
+    assert held["all_nuclei_dice"] >= 0.80 and held["fused_share"] < 0.6
     cd45 = bench.cd45_share(model)
     assert cd45["cells"] == 58 and sum(cd45["called"].values()) == 58
     card = (bundled_model_path().parent / "MODEL_CARD.md").read_text(encoding="utf-8")
