@@ -16,9 +16,15 @@ The numbers behind the choice of the bundled U-Net (BENCHMARKS.md "Model"):
    the 24 held-out synthetic tiles of ``train_unet.py``, plain and with the seam pixels
    (``touching_seams`` of the truth, 1 px) left out of the count.
 
+With ``--renderer-gap`` only: how the renderer's tiles differ from the real tissue crop
+(nuclear share, density, touching share, background, per-nucleus brightness, edge steepness),
+the measurement behind ``train_unet.py``'s ``data.native_mpp``, ``data.brightness_spread`` and
+``augment.defocus_prob``.
+
 Usage::
 
     .venv/bin/python benchmarks/bench_model_robustness.py [--model NAME=PATH ...]
+    .venv/bin/python benchmarks/bench_model_robustness.py --renderer-gap
 
 ``PATH`` is a checkpoint (``bundled`` for the package's). Needs ``../shared/data`` for part 1
 (skipped without it). CPU: about a minute per model on 2 threads.
@@ -125,6 +131,57 @@ def seam_dice(model, tiles: int = 24) -> tuple[float, float]:
     return float(acc[0] / acc[1]), float(acc[2] / acc[3])
 
 
+def nucleus_stats(image: np.ndarray, instances: np.ndarray, mpp: float) -> dict:
+    """What a nuclei image looks like: density, touching, brightness spread, edge steepness."""
+    from scipy import ndimage
+
+    fg = instances > 0
+    ids = np.unique(instances[fg])
+    touching = np.unique(instances[_train().touching_seams(instances, 1)])
+    background = image[~ndimage.binary_dilation(fg, iterations=3)]
+    brightness = ndimage.mean(image, instances, ids)
+    gy, gx = np.gradient(image.astype(np.float64))
+    edge = ndimage.binary_dilation(fg) & ~ndimage.binary_erosion(fg)
+    return {
+        "nuclear_share": float(fg.mean()),
+        "nuclei_per_1000um2": len(ids) / (image.size * mpp**2) * 1000,
+        "touching_share": len(touching) / max(len(ids), 1),
+        "background_median": float(np.median(background)),
+        "brightness_p10_p50_p90": np.percentile(brightness, [10, 50, 90]).round(2).tolist(),
+        "edge_gradient_median": float(np.median(np.hypot(gy, gx)[edge])),
+    }
+
+
+def renderer_gap(tiles: int = 6) -> None:
+    """The tissue crop (normalised, at 0.5 µm/px) against rendered tiles (the renderer alone)."""
+    import tifffile
+    from scipy import ndimage
+    from skimage import transform
+
+    from wsi_hipe.synthetic import render_tile
+
+    train = _train()
+    raw = tifffile.imread(TISSUE / "tissue_dna_300.tiff")
+    mask = tifffile.imread(TISSUE / "tissue_dna_300_mask.tiff").astype(np.int64)
+    shape = (round(raw.shape[0] * 1.3), round(raw.shape[1] * 1.3))  # 0.65 -> 0.5 µm/px
+    image = transform.resize(train.normalise_percentiles(raw), shape, order=1, preserve_range=True)
+    rows = [("real tissue crop", nucleus_stats(image, transform.resize(
+        mask, shape, order=0, preserve_range=True).astype(np.int64), 0.5))]  # fmt: skip
+    for seed in range(tiles):
+        region = render_tile(seed * 100_003, 256, mpp=0.5)
+        other, _ = ndimage.label(region.nuclei & (region.lymphocytes == 0))
+        lymph = region.lymphocytes.astype(np.int64)
+        inst = np.where(lymph > 0, lymph, np.where(other > 0, other.astype(np.int64) + 2**40, 0))
+        if (inst > 0).mean() > 0.05:
+            rows.append((f"rendered tile {seed * 100_003}", nucleus_stats(region.image, inst, 0.5)))
+    keys = list(rows[0][1])
+    print("\nThe renderer against the real tissue crop (both at 0.5 µm/px)\n")
+    print("| | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
+    for name, stats in rows:
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in stats.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -135,7 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         help="a model to compare (repeat); default: the bundled one",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--renderer-gap",
+        action="store_true",
+        help="only compare the renderer's tiles with the real tissue crop (no model)",
+    )
     args = parser.parse_args(argv)
+    if args.renderer_gap:
+        renderer_gap()
+        return 0
     import torch
 
     from wsi_hipe.models import load_model
