@@ -924,6 +924,13 @@ def write_model_card(
 - Touching nuclei: where two instances touch, the pixels within {seams} px of the other instance
   are labelled background (a seam), in the synthetic and tissue labels, so the model leaves a
   gap between packed nuclei that connected components and the cells watershed can split on."""
+    brightness_note = ""
+    if cfg["data"].get("brightness_spread"):
+        brightness_note = (
+            f" Training varied each synthetic nucleus's brightness by a factor "
+            f"exp(N(0, {cfg['data']['brightness_spread']}²)), to make brightness a less reliable "
+            "cue than size and shape."
+        )
     seams_dice = ""
     if "dice_lymphocyte_synthetic_seams_excluded" in metrics:
         seams_dice = (
@@ -974,7 +981,7 @@ renderer's lymphocyte (`wsi_hipe.synthetic`): a **small, round, bright, smooth n
 6–8 µm across, aspect ratio ≤ 1.15, about twice as bright as a tumour nucleus, little chromatin
 texture, often packed in clusters — against tumour nuclei (10–16 µm, oval, dimmer, textured)
 and stromal nuclei (spindles 11–20 × 3–5 µm). Any real nucleus that looks like that is called a
-lymphocyte, whatever its lineage; no immune marker is involved.
+lymphocyte, whatever its lineage; no immune marker is involved.{brightness_note}
 
 ## Training data
 
