@@ -22,7 +22,7 @@ Data
 
 Augmentation makes the model robust to slide normalisation: random gain, offset and gamma,
 Gaussian noise, occasional blur, flips and 90° rotations. Where the real tissue crop differs
-from the renderer (``benchmarks`` note in BENCHMARKS.md "Model"), optional augmentations bring
+from the renderer (BENCHMARKS.md, "Model"), optional augmentations bring
 the synthetic tiles closer: rendering at a native 0.25-0.65 µm/px and box-filtering to the
 training µm/px (``data.native_mpp``), a per-nucleus brightness spread
 (``data.brightness_spread``), out-of-focus regions (``augment.defocus_prob``) and 16-bit
@@ -384,7 +384,8 @@ def augment_acquisition(
     from scipy import ndimage
 
     x = image
-    if rng.random() < cfg.defocus_prob:
+    # (no draw when off: a config without these augmentations keeps its random stream)
+    if cfg.defocus_prob > 0 and rng.random() < cfg.defocus_prob:
         blurred = ndimage.gaussian_filter(x, float(rng.uniform(*cfg.defocus_sigma_px)))
         if rng.random() < 0.5:
             x = blurred
@@ -393,7 +394,7 @@ def augment_acquisition(
             field /= max(float(field.std()), 1e-6)
             part = 1.0 / (1.0 + np.exp(-4.0 * (field - rng.uniform(-0.7, 0.7))))
             x = (part * blurred + (1.0 - part) * x).astype(np.float32)
-    if rng.random() < cfg.acquisition_prob:
+    if cfg.acquisition_prob > 0 and rng.random() < cfg.acquisition_prob:
         level = float(rng.uniform(*cfg.saturation))
         lo, hi = np.log(cfg.counts)
         counts = float(np.exp(rng.uniform(lo, hi)))
