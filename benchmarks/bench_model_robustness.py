@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -47,6 +48,7 @@ DATA = Path(os.environ.get("WSI_HIPE_SHARED_DATA", REPO.parent / "shared" / "dat
 TISSUE = DATA / "nuclei" / "tissue"
 
 
+@functools.cache
 def _module(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -117,9 +119,8 @@ def seam_dice(model, tiles: int = 24) -> tuple[float, float]:
     train = _train()
     acc = np.zeros(4)
     for i in range(tiles):
-        plain = train.synthetic_sample(1_000_000 + i, 256, 0.5)
-        seamed = train.synthetic_sample(1_000_000 + i, 256, 0.5, 1)
-        keep = ~((plain.label > 0) & (seamed.label == 0))
+        plain = train.eval_sample(1_000_000 + i, 256, 0.5, 1)
+        keep = ~plain.seams
         labels = model.segment(torch.from_numpy(plain.image)[None, None])[0].numpy()
         t, p = plain.label == 1, labels == 1
         acc += [
@@ -155,7 +156,6 @@ def nucleus_stats(image: np.ndarray, instances: np.ndarray, mpp: float) -> dict:
 def renderer_gap(tiles: int = 6) -> None:
     """The tissue crop (normalised, at 0.5 µm/px) against rendered tiles (the renderer alone)."""
     import tifffile
-    from scipy import ndimage
     from skimage import transform
 
     from wsi_hipe.synthetic import render_tile
@@ -169,9 +169,7 @@ def renderer_gap(tiles: int = 6) -> None:
         mask, shape, order=0, preserve_range=True).astype(np.int64), 0.5))]  # fmt: skip
     for seed in range(tiles):
         region = render_tile(seed * 100_003, 256, mpp=0.5)
-        other, _ = ndimage.label(region.nuclei & (region.lymphocytes == 0))
-        lymph = region.lymphocytes.astype(np.int64)
-        inst = np.where(lymph > 0, lymph, np.where(other > 0, other.astype(np.int64) + 2**40, 0))
+        inst = train.region_instances(region)
         if (inst > 0).mean() > 0.05:
             rows.append((f"rendered tile {seed * 100_003}", nucleus_stats(region.image, inst, 0.5)))
     keys = list(rows[0][1])

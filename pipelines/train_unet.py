@@ -195,6 +195,21 @@ class Sample:
     seams: np.ndarray | None = None  # (H, W) bool: pixels a seamed label would cut (held out)
 
 
+#: Offset of the ids of non-lymphocyte nuclei in :func:`region_instances` (above any cell id).
+OTHER_NUCLEUS_ID = 2**40
+
+
+def region_instances(region) -> np.ndarray:
+    """Instance ids of a rendered region: its lymphocyte ids, and for the other nuclei (a mask
+    only) the connected components of the mask, offset by :data:`OTHER_NUCLEUS_ID`."""
+    from scipy import ndimage
+
+    other, _ = ndimage.label(region.nuclei & (region.lymphocytes == 0))
+    lymph = region.lymphocytes.astype(np.int64)
+    offset = np.where(other > 0, other.astype(np.int64) + OTHER_NUCLEUS_ID, 0)
+    return np.where(lymph > 0, lymph, offset)
+
+
 def synthetic_sample(
     seed: int,
     size: int,
@@ -202,39 +217,40 @@ def synthetic_sample(
     seams_px: int = 0,
     native_mpp: float | None = None,
     brightness_spread: float = 0.0,
+    *,
+    cut_seams: bool = True,
 ) -> Sample:
     """A rendered tile and its labels at ``mpp``; rendered at ``native_mpp`` and box-filtered to
-    ``mpp`` if given, its nuclei's brightness varied by ``brightness_spread`` (log-normal σ)."""
-    from scipy import ndimage
-
+    ``mpp`` if given, its nuclei's brightness varied by ``brightness_spread`` (log-normal σ).
+    With ``seams_px`` the pixels within that distance of another instance become background,
+    or, with ``cut_seams=False``, are only returned as ``Sample.seams`` (held-out tiles)."""
     from wsi_hipe.synthetic import render_tile
 
     n_native = size if native_mpp is None else max(1, round(size * mpp / native_mpp))
     region = render_tile(seed, n_native, mpp=mpp if native_mpp is None else native_mpp)
-    # Lymphocytes are instances; other nuclei only a mask: its connected components.
-    other, _ = ndimage.label(region.nuclei & (region.lymphocytes == 0))
-    lymph = region.lymphocytes.astype(np.int64)
-    instances = np.where(lymph > 0, lymph, np.where(other > 0, other.astype(np.int64) + 2**40, 0))
+    instances = region_instances(region)
     image = region.image.astype(np.float32)
     if brightness_spread > 0:
         image = vary_brightness(image, instances, brightness_spread, np.random.default_rng(seed))
     if n_native != size:
         image, instances = box_resample(image, instances, size)
-    label = np.where(instances >= 2**40, 2, np.where(instances > 0, 1, 0)).astype(np.uint8)
-    if seams_px:
-        label[touching_seams(instances, seams_px)] = 0
+    label = np.where(instances >= OTHER_NUCLEUS_ID, 2, np.where(instances > 0, 1, 0))
+    label = label.astype(np.uint8)
     source = f"synthetic:{seed}" if native_mpp is None else f"synthetic:{seed}@{native_mpp:.3f}"
-    return Sample(image, label, source)
+    sample = Sample(image, label, source)
+    if seams_px:
+        seams = touching_seams(instances, seams_px)
+        if cut_seams:
+            label[seams] = 0
+        else:
+            sample.seams = seams
+    return sample
 
 
 def eval_sample(seed: int, size: int, mpp: float, seams_px: int = 0) -> Sample:
     """A held-out tile with its plain labels and, with ``seams_px``, the seam pixels that a
     model trained with seams leaves as background (scored apart by :func:`evaluate`)."""
-    sample = synthetic_sample(seed, size, mpp)
-    if seams_px:
-        seamed = synthetic_sample(seed, size, mpp, seams_px)
-        sample.seams = (sample.label > 0) & (seamed.label == 0)
-    return sample
+    return synthetic_sample(seed, size, mpp, seams_px, cut_seams=False)
 
 
 def box_resample(
